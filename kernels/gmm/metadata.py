@@ -1,0 +1,60 @@
+"""Group metadata shared by the tiled kernels (megablox-style work list).
+
+Rows are cut into fixed tiles of `tile_m`; a tile that straddles a group boundary is
+visited once per group it touches ("work items"), and each visit masks its own rows.
+The rows past sum(group_sizes) form an extra "tail" group (index G) whose visits write
+zeros, so every output element is written by exactly one visit.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class GroupMetadata(NamedTuple):
+  starts: jax.Array       # int32[G+1]: first row of each group (tail group last)
+  ends: jax.Array         # int32[G+1]: one past the last row
+  item_group: jax.Array   # int32[I]: group of each work item (invalid items: last valid one's)
+  item_tile: jax.Array    # int32[I]: row tile of each work item
+  num_items: jax.Array    # int32[1]: number of valid items (<= I)
+
+
+def max_items(m: int, num_groups: int, tile_m: int, visit_empty: bool) -> int:
+  """Static upper bound on the number of work items."""
+  return pl_cdiv(m, tile_m) + num_groups + (num_groups if visit_empty else 0)
+
+
+def pl_cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def make_group_metadata(group_sizes_G: jax.Array, m: int, tile_m: int, *,
+                        visit_empty: bool = False, with_tail: bool = True) -> GroupMetadata:
+  """Builds the work list. `visit_empty` gives every empty group one (fully masked) item."""
+  if m <= 0 or tile_m <= 0:
+    raise ValueError(f"m={m} and tile_m={tile_m} must be positive")
+  sizes = group_sizes_G.astype(jnp.int32)
+  num_tiles = pl_cdiv(m, tile_m)
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  if with_tail:
+    starts = jnp.concatenate([starts, ends[-1:]])
+    ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  first_tile = starts // tile_m
+  count = (ends + tile_m - 1) // tile_m - first_tile
+  count = jnp.where(ends > starts, count, 1 if visit_empty else 0)
+  first_tile = jnp.minimum(first_tile, num_tiles - 1)
+  cum = jnp.cumsum(count)
+  num = max_items(m, sizes.shape[0], tile_m, visit_empty)
+  item = jnp.arange(num, dtype=jnp.int32)
+  num_valid = cum[-1]
+  # Invalid items repeat the last valid item (same output block; kernels mask them off).
+  clamped = jnp.minimum(item, jnp.maximum(num_valid - 1, 0))
+  grp = jnp.searchsorted(cum, clamped, side="right").astype(jnp.int32)
+  grp = jnp.minimum(grp, starts.shape[0] - 1)
+  offset = cum[grp] - count[grp]
+  tile = jnp.clip(first_tile[grp] + clamped - offset, 0, num_tiles - 1)
+  return GroupMetadata(starts.astype(jnp.int32), ends.astype(jnp.int32), grp, tile.astype(jnp.int32),
+                       num_valid.reshape(1).astype(jnp.int32))

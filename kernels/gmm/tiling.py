@@ -1,0 +1,34 @@
+"""Tile shapes and padding helpers shared by the kernel backends."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Block shape of one program (rows tm, output cols tn, reduction tk) and launch knobs."""
+  tm: int = 128
+  tn: int = 128
+  tk: int = 64
+  num_warps: int = 4     # GPU (Triton) only
+  num_stages: int = 3    # GPU (Triton) only
+  group_m: int = 8       # GPU: row items per L2 swizzle band
+
+  def __post_init__(self):
+    for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"Tiling.{name}={getattr(self, name)} must be positive")
+
+  def to_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+def pad_to(x: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
+  """Zero-pads each dim of x up to a multiple of the given block size."""
+  pads = [(0, (-d) % b) for d, b in zip(x.shape, multiples)]
+  if all(p == (0, 0) for p in pads):
+    return x
+  return jnp.pad(x, pads)

@@ -1,0 +1,135 @@
+"""Basic layers: parameters with logical axes, RMSNorm, embeddings, RoPE and the gated MLP."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openmoe_jax import axes as ax
+from openmoe_jax import sharding
+from openmoe_jax.config import ModelConfig
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical: Sequence[str],
+          dtype: str = "float32") -> nnx.Param:
+  """A parameter with logical axis names (used by sharding.state_shardings)."""
+  if len(shape) != len(logical):
+    raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical)} differ in rank")
+  with nnx.use_eager_sharding(False):
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype_of(dtype)),
+                     sharding_names=tuple(logical))
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def ones() -> Initializer:
+  return jax.nn.initializers.ones
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm with a learned scale; statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, param_dtype: str = "float32"):
+    self.eps = eps
+    self.scale = param(rngs, ones(), (dim,), (ax.NORM,), param_dtype)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x32 = x_BLD.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, D]; `attend` gives tied output logits."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.dtype = dtype_of(cfg.dtype)
+    self.embedding_VD = param(rngs, normal(1.0), (cfg.vocab_size, cfg.d_model),
+                              (ax.VOCAB, ax.EMBED), cfg.param_dtype)
+
+  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding_VD.value, tokens_BL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    # Embeddings are initialised with unit variance, so scale logits back to O(1).
+    scale = x_BLD.shape[-1] ** -0.5
+    return jnp.einsum("BLD,VD->BLV", x_BLD * scale, self.embedding_VD[...].astype(x_BLD.dtype))
+
+
+def rope_frequencies(head_dim: int, fraction: float, theta: float) -> jax.Array:
+  """Inverse frequencies for the rotated part of a head: [R/2] with R = rotated dims (even).
+
+  MoEUT rotates only a fraction of each head; an odd rotated half-dimension (MoEUT-44M) is fine
+  here because the rotated width is rounded down to an even number, never split unevenly.
+  """
+  rotated = int(head_dim * fraction) // 2 * 2
+  if rotated == 0:
+    raise ValueError(f"rope_fraction={fraction} rotates no dimension of head_dim={head_dim}")
+  return 1.0 / (theta ** (jnp.arange(0, rotated, 2, dtype=jnp.float32) / rotated))
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates the first 2*len(inv_freq) dims of each head by position (half-split convention)."""
+  rotated = 2 * inv_freq.shape[0]
+  angles_BLR = positions_BL[..., None].astype(jnp.float32) * inv_freq  # R = rotated/2
+  sin = jnp.sin(angles_BLR)[:, :, None, :]
+  cos = jnp.cos(angles_BLR)[:, :, None, :]
+  x_rot = x_BLHK[..., :rotated].astype(jnp.float32)
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
+  if rotated == x_BLHK.shape[-1]:
+    return out
+  return jnp.concatenate([out, x_BLHK[..., rotated:]], axis=-1)
+
+
+def activate(name: str, gate: jax.Array, up: jax.Array | None) -> jax.Array:
+  """FFN non-linearity: gated (swiglu, geglu) uses `up`; plain (relu, gelu) ignores it."""
+  if name == "swiglu":
+    return jax.nn.silu(gate) * up
+  if name == "geglu":
+    return jax.nn.gelu(gate) * up
+  if name == "relu":
+    return jax.nn.relu(gate)
+  if name == "gelu":
+    return jax.nn.gelu(gate)
+  raise ValueError(f"activation={name!r}; expected swiglu, geglu, relu or gelu")
+
+
+def is_gated(name: str) -> bool:
+  return name in ("swiglu", "geglu")
+
+
+class MLP(nnx.Module):
+  """Dense FFN: D -> F (gated or plain) -> D."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_ff: int | None = None,
+               out_std_scale: float = 1.0):
+    d_ff = d_ff or cfg.d_ff
+    self.activation = cfg.activation
+    self.dtype = dtype_of(cfg.dtype)
+    std_in = cfg.init_std
+    self.w_gate_DF = param(rngs, normal(std_in), (cfg.d_model, d_ff), (ax.EMBED, ax.MLP),
+                           cfg.param_dtype)
+    self.w_up_DF = (param(rngs, normal(std_in), (cfg.d_model, d_ff), (ax.EMBED, ax.MLP),
+                          cfg.param_dtype) if is_gated(cfg.activation) else None)
+    self.w_out_FD = param(rngs, normal(cfg.init_std * out_std_scale), (d_ff, cfg.d_model),
+                          (ax.MLP, ax.EMBED), cfg.param_dtype)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x_BLD = x_BLD.astype(self.dtype)
+    gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate_DF[...].astype(self.dtype))
+    up_BLF = (jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up_DF[...].astype(self.dtype))
+              if self.w_up_DF is not None else None)
+    h_BLF = sharding.constrain(activate(self.activation, gate_BLF, up_BLF),
+                               (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
+    return jnp.einsum("BLF,FD->BLD", h_BLF, self.w_out_FD[...].astype(self.dtype))
