@@ -1,0 +1,1 @@
+"""Kernels: `from openmoe_jax.kernels import gmm as gmm_lib`."""

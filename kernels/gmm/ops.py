@@ -1,0 +1,150 @@
+"""Public grouped matmul ops: `gmm` and `tgmm` with one `custom_vjp`, behind a backend switch.
+
+Backends: "reference" (jax.lax.ragged_dot; CPU and tests), "pallas_gpu" (Pallas Triton
+lowering), "pallas_tpu" (megablox-style Pallas TPU), "triton" (jax-triton; GPU extra),
+"pallas_mgpu" (not implemented; falls back with a clear error). "auto" picks by platform:
+gpu -> pallas_gpu, tpu -> pallas_tpu, else reference. $OPENMOE_JAX_GMM_BACKEND overrides "auto".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+
+from openmoe_jax.kernels.gmm import tuning
+from openmoe_jax.kernels.gmm.tiling import Tiling
+
+BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "triton")
+_MODULES = {"reference": "reference", "pallas_gpu": "pallas_gpu", "pallas_tpu": "pallas_tpu",
+            "triton": "triton"}
+
+
+def resolve_backend(backend: str = "auto") -> str:
+  """Maps "auto" (or $OPENMOE_JAX_GMM_BACKEND) to a concrete backend name."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  if backend == "auto":
+    backend = os.environ.get("OPENMOE_JAX_GMM_BACKEND", "auto")
+    if backend not in BACKENDS:
+      raise ValueError(f"$OPENMOE_JAX_GMM_BACKEND={backend!r}; expected one of {BACKENDS}")
+  if backend == "auto":
+    platform = jax.default_backend()
+    backend = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+        platform, "reference")
+  if backend == "pallas_mgpu":
+    raise NotImplementedError("backend 'pallas_mgpu' is not implemented yet; use 'pallas_gpu'")
+  return backend
+
+
+def _module(backend: str):
+  return importlib.import_module(f"openmoe_jax.kernels.gmm.{_MODULES[backend]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  backend: str
+  out_dtype: jnp.dtype
+  tiling: Tiling | None
+  interpret: bool
+
+
+def _tile(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: bool):
+  if st.tiling is not None or st.backend == "reference":
+    return st.tiling
+  return tuning.lookup(st.backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
+
+
+def _fwd_impl(st: _Static, lhs, rhs, group_sizes, row_index, transpose_rhs: bool = False):
+  m = lhs.shape[0] if row_index is None else row_index.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  op = "gmm_t" if transpose_rhs else "gmm"
+  tiling = _tile(st, op, m, lhs.shape[1], n, rhs.shape[0], lhs.dtype, row_index is not None)
+  return _module(st.backend).gmm(lhs, rhs, group_sizes, row_index_M=row_index,
+                                 transpose_rhs=transpose_rhs, out_dtype=st.out_dtype,
+                                 tiling=tiling, interpret=st.interpret)
+
+
+def _tgmm_impl(st: _Static, lhs_XK, rhs_MN, group_sizes, row_index, out_dtype):
+  m, n = rhs_MN.shape
+  tiling = _tile(st, "tgmm", m, lhs_XK.shape[1], n, group_sizes.shape[0], lhs_XK.dtype,
+                 row_index is not None)
+  return _module(st.backend).tgmm(lhs_XK, rhs_MN, group_sizes, row_index_M=row_index,
+                                  out_dtype=out_dtype, tiling=tiling, interpret=st.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm(st: _Static, lhs, rhs, group_sizes, row_index):
+  return _fwd_impl(st, lhs, rhs, group_sizes, row_index)
+
+
+def _gmm_fwd(st, lhs, rhs, group_sizes, row_index):
+  return _fwd_impl(st, lhs, rhs, group_sizes, row_index), (lhs, rhs, group_sizes, row_index)
+
+
+def _gmm_bwd(st, res, dout_MN):
+  lhs, rhs, group_sizes, row_index = res
+  dout_MN = dout_MN.astype(lhs.dtype)
+  # dlhs_rows = dout @ rhs[g].T: the same kernel reading rhs transposed (no copy of rhs).
+  dst = dataclasses.replace(st, out_dtype=lhs.dtype)
+  drows_MK = _fwd_impl(dst, dout_MN, rhs, group_sizes, None, transpose_rhs=True)
+  if row_index is None:
+    dlhs = drows_MK
+  else:  # rows past the end are zero, so the scatter-add is exact.
+    dlhs = jnp.zeros(lhs.shape, jnp.float32).at[row_index].add(
+        drows_MK.astype(jnp.float32)).astype(lhs.dtype)
+  drhs = _tgmm_impl(st, lhs, dout_MN, group_sizes, row_index, rhs.dtype)
+  return dlhs, drhs, None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _check(lhs, rhs, group_sizes, row_index):
+  if lhs.ndim != 2 or rhs.ndim != 3:
+    raise ValueError(f"gmm wants lhs[M,K] and rhs[G,K,N]; got {lhs.shape} and {rhs.shape}")
+  if lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"contracting dims differ: lhs K={lhs.shape[1]}, rhs K={rhs.shape[1]}")
+  if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be int[{rhs.shape[0]}]; got {group_sizes.dtype}"
+                     f"{list(group_sizes.shape)}")
+  if row_index is not None and (row_index.ndim != 1 or
+                                not jnp.issubdtype(row_index.dtype, jnp.integer)):
+    raise ValueError(f"row_index must be a 1-D int array; got {row_index.dtype}{row_index.shape}")
+  if lhs.dtype != rhs.dtype:
+    raise ValueError(f"lhs dtype {lhs.dtype} != rhs dtype {rhs.dtype}")
+
+
+def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
+        backend: str = "auto", preferred_element_type=None, row_index: jax.Array | None = None,
+        tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+  """Grouped matmul: out[m] = lhs[m] @ rhs[group(m)], rows sorted by group.
+
+  With `row_index` (int[M']) the lhs rows are lhs_MK[row_index] (fused gather; lhs_MK may
+  then have any number of rows). Rows past sum(group_sizes) are zero. Differentiable in lhs
+  and rhs. `tiling=None` uses the tuning cache or a default.
+  """
+  _check(lhs_MK, rhs_GKN, group_sizes_G, row_index)
+  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  st = _Static(resolve_backend(backend), out_dtype, tiling, interpret)
+  return _gmm(st, lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
+              None if row_index is None else row_index.astype(jnp.int32))
+
+
+def tgmm(lhs_KM: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
+         backend: str = "auto", preferred_element_type=None, tiling: Tiling | None = None,
+         interpret: bool = False) -> jax.Array:
+  """Weight-gradient form: out[g] = lhs_KM[:, rows of g] @ rhs_MN[rows of g] -> [G, K, N].
+
+  Not differentiable (it is itself a backward op); empty groups give zeros.
+  """
+  if lhs_KM.ndim != 2 or rhs_MN.ndim != 2 or lhs_KM.shape[1] != rhs_MN.shape[0]:
+    raise ValueError(f"tgmm wants lhs[K,M] and rhs[M,N]; got {lhs_KM.shape} and {rhs_MN.shape}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs_KM.dtype)
+  st = _Static(resolve_backend(backend), out_dtype, tiling, interpret)
+  # The kernels read lhs row-major [M, K]; under jit the transpose of a transpose is free.
+  return _tgmm_impl(st, lhs_KM.T, rhs_MN.astype(lhs_KM.dtype), group_sizes_G.astype(jnp.int32),
+                    None, out_dtype)
