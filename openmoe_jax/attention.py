@@ -77,6 +77,7 @@ class Attention(nnx.Module):
     d, h, n, k = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
     self.dtype = layers.dtype_of(cfg.dtype)
     self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
+    self.cache_dims = (n, k)
     std = cfg.init_std
     self.w_q_DHK = layers.param(rngs, layers.normal(std), (d, h, k),
                                 (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg.param_dtype)
@@ -86,6 +87,9 @@ class Attention(nnx.Module):
                                 (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg.param_dtype)
     self.w_o_HKD = layers.param(rngs, layers.normal(std * out_std_scale), (h, k, d),
                                 (ax.HEADS, ax.HEAD_DIM, ax.EMBED), cfg.param_dtype)
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    return init_cache(batch, length, *self.cache_dims, self.dtype)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,

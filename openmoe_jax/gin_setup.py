@@ -1,0 +1,56 @@
+"""Gin registration: the config dataclasses and the entry functions, under plain names.
+
+Gin binds only dataclass fields of `openmoe_jax.config` and the arguments of entry functions
+(`train.run`); nothing else in the library is gin-configurable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import gin
+
+from openmoe_jax import config
+
+_CONFIGS = (config.ModelConfig, config.MoeConfig, config.DataConfig, config.OptimConfig,
+            config.MeshConfig, config.TrainConfig)
+_registered = False
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def register() -> None:
+  """Registers configurables once per process (idempotent)."""
+  global _registered
+  if _registered:
+    return
+  for cls in _CONFIGS:
+    gin.external_configurable(cls, cls.__name__)
+  from openmoe_jax import train  # pylint: disable=import-outside-toplevel
+  gin.external_configurable(train.run, "run")
+  _registered = True
+
+
+def parse(files: Sequence[str], bindings: Sequence[str] = (),
+          search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files and bindings, then finalizes; a bad binding raises one clear error."""
+  register()
+  for path in (*search_paths, REPO_GIN_DIR, os.getcwd()):
+    gin.add_config_file_search_path(path)
+  for f in files:
+    if not os.path.exists(f) and not any(
+        os.path.exists(os.path.join(p, f)) for p in (*search_paths, REPO_GIN_DIR)):
+      raise FileNotFoundError(f"gin file not found: {f}")
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+  except (ValueError, KeyError, SyntaxError) as e:  # gin reports unknown names this way
+    raise ValueError(f"bad gin configuration: {e}") from e
+
+
+def operative_config() -> str:
+  return gin.operative_config_str()
+
+
+def clear() -> None:
+  """Forgets parsed bindings (tests parse several files in one process)."""
+  gin.clear_config(clear_constants=True)
