@@ -6,6 +6,7 @@ functions of the files' relative paths, so every host (and every rerun) sees the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import sysconfig
@@ -46,6 +47,12 @@ def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Document]:
 
   Undecodable files are skipped (the stdlib is ours to curate, unlike a user corpus).
   """
+  # Memoised: the SentencePiece cache key and the tokeniser both need the corpus.
+  return list(_stdlib_documents(max_bytes))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_documents(max_bytes: int) -> tuple[Document, ...]:
   root = stdlib_root()
   candidates = []
   for path in root.rglob("*.py"):
@@ -70,7 +77,7 @@ def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Document]:
   docs.sort(key=lambda d: d.name)
   if not docs:
     raise ValueError(f"No stdlib *.py files found under {root}; the embedded corpus is empty.")
-  return docs
+  return tuple(docs)
 
 
 def read_text_documents(paths: Sequence[str]) -> list[Document]:
