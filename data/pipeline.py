@@ -200,9 +200,10 @@ def make_iterator(config: DataConfigLike, split: str, batch_size: int, seq_len: 
                   num_epochs: int | None = None) -> BatchIterator:
   """Batches of this host's shard: dict of [batch_size, seq_len] numpy arrays.
 
-  split: "train" (shuffled, repeats forever by default) or "validation" (in order, one pass by
-  default; the last batch is padded with empty rows). `seed` drives shuffling and the
-  denoisers. shard_index/num_shards: jax.process_index()/process_count().
+  split: "train" (shuffled) or "validation" (unshuffled, same order every time). Both repeat
+  forever unless num_epochs is given; with num_epochs the stream ends (StopIteration) and the
+  last batch is padded with empty rows. `seed` drives shuffling and the denoisers.
+  shard_index/num_shards: jax.process_index()/process_count().
   """
   if split not in ("train", "validation"):
     raise ValueError(f"split={split!r}; expected 'train' or 'validation'.")
@@ -210,8 +211,6 @@ def make_iterator(config: DataConfigLike, split: str, batch_size: int, seq_len: 
     raise ValueError(f"batch_size={batch_size} (>= 1), seq_len={seq_len} (>= 8) required.")
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} not in [0, num_shards={num_shards}).")
-  if num_epochs is None and split != "train":
-    num_epochs = 1
   make = lambda: get_dataset(config, split, seq_len, seed, shard_index, num_shards, num_epochs)
   key = dict(mixture=resolve_mixture(config.mixture, config.ul2), vocab=config.vocab_path,
              data_dir=config.data_dir, text_files=list(config.text_files), pack=config.pack,

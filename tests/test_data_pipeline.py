@@ -185,8 +185,10 @@ def test_host_shards_are_disjoint_and_cover_the_split():
 
 
 def test_validation_split_is_finite_padded_and_disjoint_from_train():
-  it = pipeline.make_iterator(LM, "validation", 8, L, seed=0)
+  it = pipeline.make_iterator(LM, "validation", 8, L, seed=0, num_epochs=1)
   batches = list(it)
+  endless = _take(pipeline.make_iterator(LM, "validation", 8, L, seed=0), len(batches) + 2)
+  assert _same(endless[:len(batches) - 1], batches[:-1])  # default: repeats, same order
   assert batches and all(b["decoder_target_tokens"].shape == (8, L) for b in batches)
   assert it.get_state()["exhausted"]
   val = {tuple(s["decoder_target_tokens"]) for b in batches for s in _segments(b)}
