@@ -58,7 +58,7 @@ class Embed(nnx.Module):
                               (ax.VOCAB, ax.EMBED), cfg.param_dtype)
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding_VD.value, tokens_BL, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding_VD[...], tokens_BL, axis=0).astype(self.dtype)
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     # Embeddings are initialised with unit variance, so scale logits back to O(1).
