@@ -25,13 +25,13 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not args.dry_run and not args.workdir:
     parser.error("--workdir is required unless --dry_run")
-  from openmoe_jax import gin_setup, train  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import gin_setup  # pylint: disable=import-outside-toplevel
   from openmoe_jax import distributed  # pylint: disable=import-outside-toplevel
   try:
     distributed.initialize_from_env()
     gin_setup.parse(args.gin_file, args.gin_bindings, args.gin_search_path)
-    result = train.run(workdir=args.workdir or "", dry_run=args.dry_run,
-                       progress=not args.no_progress)
+    result = gin_setup.configured("run")(workdir=args.workdir or "", dry_run=args.dry_run,
+                                         progress=not args.no_progress)
   except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

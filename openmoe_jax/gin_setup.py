@@ -15,6 +15,7 @@ from openmoe_jax import config
 _CONFIGS = (config.ModelConfig, config.MoeConfig, config.DataConfig, config.OptimConfig,
             config.MeshConfig, config.TrainConfig)
 _registered = False
+CONFIGURED: dict[str, object] = {}  # name -> the gin-wrapped callable (applies the bindings)
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -25,10 +26,16 @@ def register() -> None:
   if _registered:
     return
   for cls in _CONFIGS:
-    gin.external_configurable(cls, cls.__name__)
+    CONFIGURED[cls.__name__] = gin.external_configurable(cls, cls.__name__)
   from openmoe_jax import train  # pylint: disable=import-outside-toplevel
-  gin.external_configurable(train.run, "run")
+  CONFIGURED["run"] = gin.external_configurable(train.run, "run")
   _registered = True
+
+
+def configured(name: str):
+  """The gin-configured version of a registered callable ("run", "ModelConfig", ...)."""
+  register()
+  return CONFIGURED[name]
 
 
 def parse(files: Sequence[str], bindings: Sequence[str] = (),
