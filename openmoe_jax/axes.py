@@ -30,7 +30,9 @@ ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_MLP = "act_mlp"
 ACT_EXPERT = "act_expert"
+ACT_EXPERT_GROUP = "act_expert_group"  # routing groups inside expert buffers (batch minus "expert")
 ACT_VOCAB = "act_vocab"
 
 PARAM_AXES = (VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, EXPERT, EXPERT_MLP, LAYERS, NORM)
-ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_EXPERT, ACT_VOCAB)
+ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_EXPERT, ACT_EXPERT_GROUP,
+                   ACT_VOCAB)

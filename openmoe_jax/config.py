@@ -11,6 +11,7 @@ ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 ROUTERS = ("topk_softmax", "sigma", "expert_choice")
 DISPATCHES = ("einsum", "ragged", "gmm")
 REMATS = ("none", "dots", "full")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")  # see attention.dot_product_attention
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,6 +39,7 @@ class MoeConfig:
   router: str = "topk_softmax"  # one of ROUTERS
   capacity_factor_train: float = 1.25  # capacity = ceil(tokens * k * cf / E); <= 0 means dropless
   capacity_factor_eval: float = 2.0  # same, at evaluation
+  min_capacity: int = 0  # lower bound on the per-group expert capacity (OpenMoE/ColossalAI: 4)
   dropless: bool = False  # route every token (sort + ragged matmul); ignores capacity factors
   group_size: int = 0  # tokens per routing group for capacity; 0 = one group per sequence
   batch_prioritized: bool = False  # fill capacity by router confidence, not by position (BPR)
@@ -66,6 +68,7 @@ class MoeConfig:
     _check(0 <= self.layer_offset < self.layer_period,
            f"MoeConfig.layer_offset={self.layer_offset}; expected 0..{self.layer_period - 1}")
     _positive("MoeConfig.group_size", self.group_size, allow_zero=True)
+    _positive("MoeConfig.min_capacity", self.min_capacity, allow_zero=True)
     _check(0.0 <= self.expert_dropout < 1.0,
            f"MoeConfig.expert_dropout={self.expert_dropout}; expected [0, 1)")
     for name in ("jitter", "load_balance_weight", "z_loss_weight", "entropy_weight"):
@@ -100,6 +103,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # parameter (master weight) dtype
   moe: MoeConfig | None = None  # None = dense FFN in every layer
   attention: str = "dense"  # "dense" | "switchhead" | "umoe"
+  attention_impl: str = "xla"  # one of ATTENTION_IMPLS: XLA einsums | cuDNN fused (GPU only) |
+  #   Pallas flash kernel (openmoe_jax.flash_attention); same masks and results
   n_shared_groups: int = 0  # MoEUT/UT: G distinct layers reused n_layers/G times; 0 = no sharing
   share_order: str = "abab"  # "abab": G layers in order, repeated; "aabb": each repeated in place
   norm_scheme: str = "pre"  # "pre" (pre-LN) | "peri" (MoEUT: norms on router/QK inputs + final)
@@ -125,6 +130,7 @@ class ModelConfig:
     _choice("ModelConfig.share_order", self.share_order, ("abab", "aabb"))
     _choice("ModelConfig.norm_scheme", self.norm_scheme, ("pre", "peri"))
     _choice("ModelConfig.remat", self.remat, REMATS)
+    _choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check(0.0 < self.rope_fraction <= 1.0,
            f"ModelConfig.rope_fraction={self.rope_fraction}; expected (0, 1]")
     _check(self.n_shared_groups == 0 or self.n_layers % self.n_shared_groups == 0,

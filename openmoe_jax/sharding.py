@@ -31,6 +31,8 @@ _COMMON: Rules = (
     (ax.LAYERS, None),
     (ax.HEAD_DIM, None),
     (ax.ACT_EXPERT, "expert"),
+    # Expert buffers [E, G, C, D]: E over "expert", so groups only over the other batch axes.
+    (ax.ACT_EXPERT_GROUP, ("data", "fsdp")),
 )
 
 RULES: dict[str, Rules] = {

@@ -1,0 +1,215 @@
+"""MoE feed-forward layer: router -> dispatch -> experts [E, D, F] -> combine, + shared experts.
+
+Three dispatch backends compute the same function (tests/test_moe.py checks forward and
+gradient agreement):
+  "einsum": T5X one-hot dispatch / combine tensors [G, S, E, C] and dense expert einsums
+            (needs a capacity; dropless uses C = S);
+  "ragged": kept (token, expert) assignments sorted by expert, `jax.lax.ragged_dot`, then a
+            weighted scatter-add back to the tokens (dropless or with capacity);
+  "gmm":    the same with `openmoe_jax.kernels.gmm.gmm` (fused row gather, custom_vjp).
+With a capacity, the ragged / gmm backends process exactly the assignments the einsum backend
+keeps, so dropped tokens get 0 from the experts on every backend; the block's residual passes
+them through unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openmoe_jax import axes as ax
+from openmoe_jax import layers
+from openmoe_jax import router as router_lib
+from openmoe_jax import sharding
+from openmoe_jax.config import ModelConfig, MoeConfig
+
+Aux = dict[str, Any]
+
+
+def expert_width(cfg: ModelConfig) -> int:
+  """F of one routed (and shared) expert."""
+  return cfg.moe.d_expert or cfg.d_ff
+
+
+def groups(num_tokens: int, seq_len: int, moe: MoeConfig) -> tuple[int, int]:
+  """(G, S) for routing: one group per sequence, or `moe.group_size` tokens per group."""
+  s = moe.group_size or seq_len
+  if num_tokens % s:
+    raise ValueError(f"MoeConfig.group_size={moe.group_size} does not divide the {num_tokens} "
+                     "tokens of the batch")
+  return num_tokens // s, s
+
+
+def _gmm_module():
+  try:
+    from openmoe_jax.kernels import gmm as gmm_lib  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError("MoeConfig.dispatch='gmm' needs openmoe_jax.kernels.gmm, which is not "
+                     "importable; use dispatch='ragged'") from e
+  if not hasattr(gmm_lib, "gmm"):
+    raise ValueError("openmoe_jax.kernels.gmm has no gmm(); use dispatch='ragged'")
+  return gmm_lib
+
+
+class MoeFFN(nnx.Module):
+  """Routed experts (SwiGLU / GeGLU / ReLU / GELU) with optional always-on shared experts."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std_scale: float = 1.0):
+    if cfg.moe is None:
+      raise ValueError("MoeFFN needs ModelConfig.moe (got None)")
+    self.cfg, self.moe = cfg, cfg.moe
+    self.dtype = layers.dtype_of(cfg.dtype)
+    d, e, f = cfg.d_model, cfg.moe.num_experts, expert_width(cfg)
+    std, pdt = cfg.init_std, cfg.param_dtype
+    self.w_router_DE = layers.param(rngs, layers.normal(std), (d, e), (ax.EMBED, None), pdt)
+    self.w_gate_EDF = layers.param(rngs, layers.normal(std), (e, d, f),
+                                   (ax.EXPERT, ax.EMBED, ax.EXPERT_MLP), pdt)
+    self.w_up_EDF = (layers.param(rngs, layers.normal(std), (e, d, f),
+                                  (ax.EXPERT, ax.EMBED, ax.EXPERT_MLP), pdt)
+                     if layers.is_gated(cfg.moe.activation) else None)
+    self.w_out_EFD = layers.param(rngs, layers.normal(std * out_std_scale), (e, f, d),
+                                  (ax.EXPERT, ax.EXPERT_MLP, ax.EMBED), pdt)
+    # n shared experts of width F == one dense MLP of width n*F (their outputs are summed).
+    n_shared = cfg.moe.num_shared_experts
+    self.shared = (layers.MLP(dataclasses.replace(cfg, activation=cfg.moe.activation), rngs,
+                              d_ff=n_shared * f, out_std_scale=out_std_scale)
+                   if n_shared else None)
+
+  # ------------------------------------------------------------------ routing
+
+  def route(self, r_GSD: jax.Array, mask_GS: jax.Array, *, deterministic: bool,
+            rng: jax.Array | None) -> tuple[router_lib.Routing, int, jax.Array]:
+    """(routing, capacity C, float32 logits [G, S, E]) for router input r_GSD."""
+    m = self.moe
+    _, s, _ = r_GSD.shape
+    train_rng = None if deterministic else rng
+    jitter_rng = drop_rng = None
+    if train_rng is not None:
+      jitter_rng, drop_rng = jax.random.split(train_rng)
+    logits_GSE = router_lib.router_logits(r_GSD, self.w_router_DE[...], jitter=m.jitter,
+                                          rng=jitter_rng)
+    cf = m.capacity_factor_eval if deterministic else m.capacity_factor_train
+    if m.router == "expert_choice":
+      if cf <= 0:
+        raise ValueError(f"expert_choice routing needs a capacity factor > 0; got {cf}")
+      c = router_lib.expert_capacity(s, m.num_experts, m.top_k, cf, m.min_capacity)
+      return router_lib.expert_choice_routing(logits_GSE, mask_GS, capacity=c), c, logits_GSE
+    dropless = m.dropless or cf <= 0
+    c = router_lib.expert_capacity(s, m.num_experts, m.top_k, -1.0 if dropless else cf,
+                                   m.min_capacity)
+    select = None
+    if m.expert_dropout > 0 and drop_rng is not None:
+      select = jax.random.uniform(drop_rng, logits_GSE.shape) >= m.expert_dropout
+    routing = router_lib.top_k_routing(
+        logits_GSE, mask_GS, top_k=m.top_k, capacity=None if dropless else c,
+        gate="sigmoid" if m.router == "sigma" else "softmax", renormalize=m.renormalize,
+        batch_prioritized=m.batch_prioritized, selection_mask_GSE=select)
+    return routing, c, logits_GSE
+
+  def metrics(self, logits_GSE: jax.Array, mask_GS: jax.Array,
+              routing: router_lib.Routing) -> Aux:
+    m = self.moe
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    lb = router_lib.load_balance_loss(probs_GSE, routing, mask_GS)
+    z = router_lib.z_loss(logits_GSE, mask_GS)
+    ent = router_lib.entropy_regularizer(logits_GSE, mask_GS)
+    aux_loss = m.load_balance_weight * lb + m.z_loss_weight * z + m.entropy_weight * ent
+    return {
+        "aux_loss": aux_loss,
+        "load_balance_loss": lb,
+        "z_loss": z,
+        "entropy_loss": ent,
+        "router_entropy": router_lib.router_entropy(logits_GSE, mask_GS),
+        "dropped_fraction": router_lib.dropped_fraction(
+            routing, mask_GS, expert_choice=m.router == "expert_choice"),
+        "expert_load_E": router_lib.expert_load(routing, m.num_experts),
+    }
+
+  # ------------------------------------------------------------------ experts
+
+  def _weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    dt = self.dtype
+    up = None if self.w_up_EDF is None else self.w_up_EDF[...].astype(dt)
+    return self.w_gate_EDF[...].astype(dt), up, self.w_out_EFD[...].astype(dt)
+
+  def _einsum(self, x_GSD: jax.Array, routing: router_lib.Routing, c: int) -> jax.Array:
+    g, s, _ = x_GSD.shape
+    w_gate, w_up, w_out = self._weights()
+    dispatch_GSEC, combine_GSEC = router_lib.dispatch_combine(routing, s, self.moe.num_experts, c)
+    x_EGCD = jnp.einsum("GSEC,GSD->EGCD", dispatch_GSEC.astype(self.dtype), x_GSD)
+    buf = (ax.ACT_EXPERT, ax.ACT_EXPERT_GROUP, None, ax.ACT_EMBED)
+    x_EGCD = sharding.constrain(x_EGCD, buf)
+    gate_EGCF = jnp.einsum("EGCD,EDF->EGCF", x_EGCD, w_gate)
+    up_EGCF = None if w_up is None else jnp.einsum("EGCD,EDF->EGCF", x_EGCD, w_up)
+    h_EGCF = layers.activate(self.moe.activation, gate_EGCF, up_EGCF)
+    h_EGCF = sharding.constrain(h_EGCF, (ax.ACT_EXPERT, ax.ACT_EXPERT_GROUP, None, ax.ACT_MLP))
+    out_EGCD = sharding.constrain(jnp.einsum("EGCF,EFD->EGCD", h_EGCF, w_out), buf)
+    y_GSD = jnp.einsum("EGCD,GSEC->GSD", out_EGCD.astype(jnp.float32), combine_GSEC)
+    return y_GSD
+
+  def _sorted(self, x_GSD: jax.Array, routing: router_lib.Routing, backend: str) -> jax.Array:
+    """Ragged / gmm backends: kept assignments sorted by expert, grouped matmuls, scatter-add."""
+    g, s, d = x_GSD.shape
+    e = self.moe.num_experts
+    w_gate, w_up, w_out = self._weights()
+    x_TD = x_GSD.reshape(g * s, d)
+    token_M = (routing.token_GA + s * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)
+    expert_M, kept_M = routing.expert_GA.reshape(-1), routing.kept_GA.reshape(-1)
+    weight_M = routing.combine_weight_GA().reshape(-1)
+    sizes_E = jnp.sum(jax.nn.one_hot(expert_M, e, dtype=jnp.int32) * kept_M[:, None], axis=0)
+    order_M = jnp.argsort(jnp.where(kept_M, expert_M, e), stable=True)  # dropped ones last
+    token_M, kept_M, weight_M = token_M[order_M], kept_M[order_M], weight_M[order_M]
+
+    if backend == "ragged":
+      x_MD = x_TD[token_M]
+
+      def mm(lhs_MK, rhs_EKN, gather=False):
+        return jax.lax.ragged_dot(x_MD if gather else lhs_MK, rhs_EKN, sizes_E)
+    else:
+      gmm_lib = _gmm_module()
+
+      def mm(lhs_MK, rhs_EKN, gather=False):  # gather: rows are x_TD[token_M], fused
+        return gmm_lib.gmm(lhs_MK, rhs_EKN, sizes_E, backend=self.moe.gmm_backend,
+                           row_index=token_M if gather else None)
+    gate_MF = mm(x_TD, w_gate, gather=True)
+    up_MF = None if w_up is None else mm(x_TD, w_up, gather=True)
+    h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
+    out_MD = mm(h_MF, w_out)
+    # Rows of dropped assignments lie outside every group: force exact zeros (no NaN * 0).
+    out_MD = jnp.where(kept_M[:, None], out_MD.astype(jnp.float32) * weight_M[:, None], 0.0)
+    y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(out_MD)
+    return y_TD.reshape(g, s, d)
+
+  # ------------------------------------------------------------------ call
+
+  def __call__(self, x_BLD: jax.Array, *, router_input_BLD: jax.Array | None = None,
+               token_mask_BL: jax.Array | None = None, rng: jax.Array | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, Aux]:
+    """y [B, L, D] (cfg.dtype) and the aux dict (losses and router metrics, see CONTRACTS.md).
+
+    Experts read `x_BLD`; the router reads `router_input_BLD` if given (MoEUT peri-LN), else x.
+    Tokens with token_mask_BL == 0 are not routed, take no capacity and get 0 from the experts.
+    """
+    b, l, d = x_BLD.shape
+    g, s = groups(b * l, l, self.moe)
+    x_BLD = sharding.constrain(x_BLD.astype(self.dtype), (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    r_BLD = x_BLD if router_input_BLD is None else router_input_BLD
+    mask_BL = jnp.ones((b, l), jnp.int32) if token_mask_BL is None else token_mask_BL
+    x_GSD, mask_GS = x_BLD.reshape(g, s, d), mask_BL.reshape(g, s)
+    routing, c, logits_GSE = self.route(r_BLD.reshape(g, s, d), mask_GS,
+                                        deterministic=deterministic, rng=rng)
+    dispatch = self.moe.dispatch
+    if dispatch == "einsum":
+      y_GSD = self._einsum(x_GSD, routing, c)
+    elif dispatch in ("ragged", "gmm"):
+      y_GSD = self._sorted(x_GSD, routing, dispatch)
+    else:
+      raise ValueError(f"MoeConfig.dispatch={dispatch!r}; expected einsum, ragged or gmm")
+    y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)
+    if self.shared is not None:
+      y_BLD = y_BLD + self.shared(x_BLD).astype(self.dtype)
+    y_BLD = sharding.constrain(y_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    return y_BLD, self.metrics(logits_GSE, mask_GS, routing)
