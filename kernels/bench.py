@@ -173,17 +173,19 @@ def check_backend(backend: str, dtype, key) -> list[str]:
 
 # ---------------------------------------------------------------------------- benchmark
 def autotune_shape(backend, x, w, gs, dy):
+  """Tunes gmm (fwd), gmm_t (dx) and tgmm (dW) tiles for this shape into the cache."""
   m, d = x.shape
   e, _, f = w.shape
-  specs = {"gmm": (lambda t: lambda: ops._module(backend).gmm(x, w, gs, tiling=t), m, d, f),
-           "gmm_t": (lambda t: lambda: ops._module(backend).gmm(
-               dy, w, gs, transpose_rhs=True, tiling=t), m, f, d),
-           "tgmm": (lambda t: lambda: ops._module(backend).tgmm(x, dy, gs, tiling=t), m, d, f)}
-  for op, (make, mm, kk, nn) in specs.items():
+  mod = ops._module(backend)
+  specs = {"gmm": (lambda t: lambda a, b, g: mod.gmm(a, b, g, tiling=t), (x, w, gs), m, d, f),
+           "gmm_t": (lambda t: lambda a, b, g: mod.gmm(a, b, g, transpose_rhs=True, tiling=t),
+                     (dy, w, gs), m, f, d),
+           "tgmm": (lambda t: lambda a, b, g: mod.tgmm(a, b, g, tiling=t), (x, dy, gs), m, d, f)}
+  for op, (make, op_args, mm, kk, nn) in specs.items():
     ck = tuning.key(backend, op, m=mm, k=kk, n=nn, g=e, dtype=x.dtype, gather=False)
-    jitted = lambda t, make=make: (lambda fn=jax.jit(make(t)): fn())
-    best = tuning.autotune(ck, jitted, tuning.candidates(op, x.dtype), iters=5)
-    print(f"    autotuned {backend} {op}: {best}")
+    make_fn = lambda t, make=make, op_args=op_args: functools.partial(jax.jit(make(t)), *op_args)
+    best = tuning.autotune(ck, make_fn, tuning.candidates(op, x.dtype), iters=5)
+    print(f"    autotuned {backend} {op}: {best}", flush=True)
 
 
 def bench_shape(shape, backends, key, args) -> list[tuple]:
@@ -215,7 +217,7 @@ def bench_shape(shape, backends, key, args) -> list[tuple]:
   for b in backends:
     if b in ("ragged_dot", "ragged_dot_mgpu"):
       continue
-    if args.autotune:
+    if b in args.autotune.split(","):
       try:
         autotune_shape(b, x, w, gs, dy)
       except Exception as ex:  # noqa: BLE001
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shapes", default="0,1,2,3")
   p.add_argument("--backends", default="ragged_dot,ragged_dot_mgpu,pallas_gpu,triton")
-  p.add_argument("--autotune", action="store_true")
+  p.add_argument("--autotune", default="", help="comma list of backends to autotune first")
   p.add_argument("--check-only", action="store_true")
   p.add_argument("--no-check", action="store_true")
   args = p.parse_args(argv)

@@ -37,8 +37,22 @@ def sequence_mask(segment_ids_BL: jax.Array, prefix_BL: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array,
-                          mask_BLS: jax.Array) -> jax.Array:
-  """Softmax attention in float32 with H query heads sharing N kv heads (H % N == 0)."""
+                          mask_BLS: jax.Array, impl: str = "xla") -> jax.Array:
+  """Softmax attention in float32 with H query heads sharing N kv heads (H % N == 0).
+
+  `impl` (ModelConfig.attention_impl): "xla" einsums below; "cudnn" the fused cuDNN kernel
+  (GPU only; the boolean mask becomes a constant bias); "pallas" the flash kernel of
+  `openmoe_jax.flash_attention`. All give zeros on query rows that see no key.
+  """
+  if impl == "cudnn":
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, mask=mask_BLS[:, None],
+                                            implementation="cudnn")
+    return out_BLHK * jnp.any(mask_BLS, axis=-1)[:, :, None, None].astype(out_BLHK.dtype)
+  if impl == "pallas":
+    from openmoe_jax import flash_attention  # pylint: disable=import-outside-toplevel
+    return flash_attention.flash_attention(q_BLHK, k_BSNK, v_BSNK, mask_BLS)
+  if impl != "xla":
+    raise ValueError(f"attention impl={impl!r}; expected 'xla', 'cudnn' or 'pallas'")
   b, l, h, k = q_BLHK.shape
   n = k_BSNK.shape[2]
   q_BLNGK = q_BLHK.reshape(b, l, n, h // n, k)
@@ -77,6 +91,7 @@ class Attention(nnx.Module):
     d, h, n, k = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
     self.dtype = layers.dtype_of(cfg.dtype)
     self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
+    self.impl = cfg.attention_impl
     self.cache_dims = (n, k)
     std = cfg.init_std
     self.w_q_DHK = layers.param(rngs, layers.normal(std), (d, h, k),
@@ -115,6 +130,8 @@ class Attention(nnx.Module):
       new_cache = update_cache(cache, k_BLNK, v_BLNK, cache_index)
       keys_BSNK = new_cache["k_BSNK"].astype(dt)
       values_BSNK = new_cache["v_BSNK"].astype(dt)
-    out_BLHK = dot_product_attention(q_BLHK, keys_BSNK, values_BSNK, mask_BLS)
+    # Fused kernels serve training; cached decoding (a few queries) keeps the XLA path.
+    impl = self.impl if cache is None else "xla"
+    out_BLHK = dot_product_attention(q_BLHK, keys_BSNK, values_BSNK, mask_BLS, impl)
     y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.w_o_HKD[...].astype(dt))
     return y_BLD, new_cache, {}

@@ -52,7 +52,7 @@ def make_group_metadata(group_sizes_G: jax.Array, m: int, tile_m: int, *,
   num_valid = cum[-1]
   # Invalid items repeat the last valid item (same output block; kernels mask them off).
   clamped = jnp.minimum(item, jnp.maximum(num_valid - 1, 0))
-  grp = jnp.searchsorted(cum, clamped, side="right").astype(jnp.int32)
+  grp = jnp.searchsorted(cum, clamped, side="right", method="compare_all").astype(jnp.int32)
   grp = jnp.minimum(grp, starts.shape[0] - 1)
   offset = cum[grp] - count[grp]
   tile = jnp.clip(first_tile[grp] + clamped - offset, 0, num_tiles - 1)

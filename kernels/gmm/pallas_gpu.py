@@ -23,8 +23,8 @@ DEFAULT_TILING = Tiling(tm=128, tn=128, tk=64, num_warps=4, num_stages=3, group_
 
 
 def _precision(dtype):
-  # Triton lowering: f32 with DEFAULT precision is IEEE (exact f32), bf16 uses tensor cores.
-  return None
+  # The Triton lowering maps DEFAULT to tf32 for f32 operands; HIGHEST is exact IEEE f32.
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _swizzle(pid, num_rows: int, num_cols: int, group_m: int):
@@ -55,7 +55,9 @@ def _gmm_kernel(grp_ref, tile_ref, starts_ref, ends_ref, nvalid_ref, *refs, m: i
     cols = j * tn + jnp.arange(tn, dtype=jnp.int32)
     in_m = rows < m
     in_n = cols < n
-    keep = ((rows >= starts_ref[g]) & (rows < ends_ref[g]))[:, None] & in_n[None, :]
+    keep = ((rows >= starts_ref[g]) & (rows < ends_ref[g]))[:, None]
+    if n % tn:
+      keep = keep & in_n[None, :]
     out_view = out_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)]
 
     @pl.when(g == num_groups)
@@ -66,25 +68,30 @@ def _gmm_kernel(grp_ref, tile_ref, starts_ref, ends_ref, nvalid_ref, *refs, m: i
     def _matmul():
       if gather:
         src = plt.load(row_index_ref.at[pl.ds(r0, tm)], mask=in_m, other=0)
-      rhs_g = rhs_ref.at[g]
+      # Masks along the contiguous dim stop 16-byte vector loads: only add them when the
+      # dim is not a multiple of the tile (static).
+      even_k, even_n = k % tk == 0, n % tn == 0
 
       def body(kk, acc):
         ks = kk * tk + jnp.arange(tk, dtype=jnp.int32)
-        in_k = ks < k
-        a_mask = in_m[:, None] & in_k[None, :]
+        in_k = (ks < k) if not even_k else jnp.ones((tk,), jnp.bool_)
+        a_mask = in_m[:, None] if even_k else in_m[:, None] & in_k[None, :]
         if gather:
           a = plt.load(lhs_ref.at[src[:, None], ks[None, :]], mask=a_mask, other=0)
         else:
           a = plt.load(lhs_ref.at[pl.ds(r0, tm), pl.ds(kk * tk, tk)], mask=a_mask, other=0)
         if transpose_rhs:
-          b = plt.load(rhs_g.at[pl.ds(j * tn, tn), pl.ds(kk * tk, tk)],
-                       mask=in_n[:, None] & in_k[None, :], other=0)
+          b = plt.load(rhs_ref.at[g, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)],
+                       mask=None if even_k and even_n else in_n[:, None] & in_k[None, :],
+                       other=None if even_k and even_n else 0)
           dims = (((1,), (1,)), ((), ()))
         else:
-          b = plt.load(rhs_g.at[pl.ds(kk * tk, tk), pl.ds(j * tn, tn)],
-                       mask=in_k[:, None] & in_n[None, :], other=0)
+          b = plt.load(rhs_ref.at[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)],
+                       mask=None if even_k and even_n else in_k[:, None] & in_n[None, :],
+                       other=None if even_k and even_n else 0)
           dims = (((1,), (0,)), ((), ()))
-        return acc + jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(a, b, dims, precision=_precision(a.dtype),
+                                         preferred_element_type=jnp.float32)
 
       acc = jax.lax.fori_loop(0, pl.cdiv(k, tk), body, jnp.zeros((tm, tn), jnp.float32))
       plt.store(out_view, acc.astype(out_ref.dtype), mask=keep)
@@ -131,24 +138,29 @@ def _tgmm_kernel(starts_ref, ends_ref, *refs, m: int, k: int, n: int, t: Tiling,
   cols = j * tn + jnp.arange(tn, dtype=jnp.int32)
   in_k, in_n = ks < k, cols < n
 
+  even_k, even_n = k % tk == 0, n % tn == 0
+
   def body(rt, acc):
     r0 = rt * tm
     rows = r0 + jnp.arange(tm, dtype=jnp.int32)
     ok = (rows >= start) & (rows < end)
     if gather:
       src = plt.load(row_index_ref.at[pl.ds(r0, tm)], mask=ok, other=0)
-      a = plt.load(lhs_ref.at[src[:, None], ks[None, :]], mask=ok[:, None] & in_k[None, :], other=0)
+      a = plt.load(lhs_ref.at[src[:, None], ks[None, :]], mask=a_mask(ok), other=0)
     else:
-      a = plt.load(lhs_ref.at[pl.ds(r0, tm), pl.ds(kt * tk, tk)],
-                   mask=ok[:, None] & in_k[None, :], other=0)
+      a = plt.load(lhs_ref.at[pl.ds(r0, tm), pl.ds(kt * tk, tk)], mask=a_mask(ok), other=0)
     b = plt.load(rhs_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)],
-                 mask=ok[:, None] & in_n[None, :], other=0)
+                 mask=ok[:, None] if even_n else ok[:, None] & in_n[None, :], other=0)
     return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                                     precision=_precision(a.dtype),
                                      preferred_element_type=jnp.float32)
+
+  def a_mask(ok):
+    return ok[:, None] if even_k else ok[:, None] & in_k[None, :]
 
   acc = jax.lax.fori_loop(start // tm, pl.cdiv(end, tm), body, jnp.zeros((tk, tn), jnp.float32))
   plt.store(out_ref.at[g, pl.ds(kt * tk, tk), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype),
-            mask=in_k[:, None] & in_n[None, :])
+            mask=None if even_k and even_n else in_k[:, None] & in_n[None, :])
 
 
 def tgmm(lhs_XK, rhs_MN, group_sizes_G, *, row_index_M=None, out_dtype=None,

@@ -17,6 +17,15 @@ from openmoe_jax.kernels.gmm.tiling import Tiling
 DEFAULT_TILING = Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, group_m=8)
 
 
+def _jax_triton():
+  """Imports jax_triton; shims the one name jax-triton 0.4 takes from triton >= 3.7."""
+  import triton.backends.nvidia.driver as driver
+  if not hasattr(driver, "TMA_TF32"):
+    driver.TMA_TF32 = 0  # only used for TMA descriptors, which these kernels do not use
+  import jax_triton
+  return jax_triton
+
+
 @functools.cache
 def _kernels():
   """Builds the @triton.jit kernels on first use."""
@@ -29,6 +38,9 @@ def _kernels():
                  NUM_ITEMS: tl.constexpr, G: tl.constexpr, TM: tl.constexpr,
                  TN: tl.constexpr, TK: tl.constexpr, GROUP_M: tl.constexpr,
                  TRANSPOSE_RHS: tl.constexpr, GATHER: tl.constexpr):
+    # Masks along a contiguous dim block 16-byte vector loads; EVEN_* drop them statically.
+    EVEN_K: tl.constexpr = K % TK == 0
+    EVEN_N: tl.constexpr = N % TN == 0
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, TN)
     per_band = GROUP_M * num_n
@@ -61,9 +73,16 @@ def _kernels():
           b_ptrs = rhs_g + ks[:, None] * N + cols[None, :]
         acc = tl.zeros((TM, TN), dtype=tl.float32)
         for kk in range(0, tl.cdiv(K, TK)):
-          k_ok = ks < K - kk * TK
-          a = tl.load(a_ptrs, mask=in_m[:, None] & k_ok[None, :], other=0.0)
-          b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
+          if EVEN_K:
+            a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+            if EVEN_N:
+              b = tl.load(b_ptrs)
+            else:
+              b = tl.load(b_ptrs, mask=(cols < N)[None, :], other=0.0)
+          else:
+            k_ok = ks < K - kk * TK
+            a = tl.load(a_ptrs, mask=in_m[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
           acc = tl.dot(a, b, acc, input_precision="ieee" if a.dtype == tl.float32 else None)
           a_ptrs += TK
           b_ptrs += TK if TRANSPOSE_RHS else TK * N
@@ -89,10 +108,17 @@ def _kernels():
         src = tl.load(rowidx_ptr + rows, mask=ok, other=0).to(tl.int64)
       else:
         src = rows.to(tl.int64)
-      a = tl.load(lhs_ptr + src[None, :] * K + ks[:, None], mask=ok[None, :] & (ks < K)[:, None],
-                  other=0.0)
-      b = tl.load(rhs_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                  mask=ok[:, None] & (cols < N)[None, :], other=0.0)
+      if K % TK == 0:  # no mask along the contiguous dim: vector loads
+        a = tl.load(lhs_ptr + src[None, :] * K + ks[:, None], mask=ok[None, :], other=0.0)
+      else:
+        a = tl.load(lhs_ptr + src[None, :] * K + ks[:, None],
+                    mask=ok[None, :] & (ks < K)[:, None], other=0.0)
+      if N % TN == 0:
+        b = tl.load(rhs_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=ok[:, None],
+                    other=0.0)
+      else:
+        b = tl.load(rhs_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                    mask=ok[:, None] & (cols < N)[None, :], other=0.0)
       acc = tl.dot(a, b, acc, input_precision="ieee" if a.dtype == tl.float32 else None)
     out_ptrs = out_ptr + g.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ks < K)[:, None] & (cols < N)[None, :])
@@ -103,7 +129,7 @@ def _kernels():
 def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False,
         out_dtype=None, tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
   """out[m] = lhs[row(m)] @ rhs[group(m)] (rows past the end zero)."""
-  import jax_triton as jt
+  jt = _jax_triton()
   if interpret:
     raise ValueError("the jax-triton backend has no interpret mode; use backend='pallas_gpu'")
   t = tiling or DEFAULT_TILING
@@ -126,7 +152,7 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
 def tgmm(lhs_XK, rhs_MN, group_sizes_G, *, row_index_M=None, out_dtype=None,
          tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
   """out[g] = lhs[rows of g].T @ rhs[rows of g]; empty groups give zeros."""
-  import jax_triton as jt
+  jt = _jax_triton()
   if interpret:
     raise ValueError("the jax-triton backend has no interpret mode; use backend='pallas_gpu'")
   t = tiling or Tiling(tm=128, tn=128, tk=128, num_warps=8, num_stages=3)

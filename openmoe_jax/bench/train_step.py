@@ -1,0 +1,464 @@
+"""Whole-model training-step benchmark: tokens/s, step time, model FLOPs, MFU and peak memory.
+
+    python -m openmoe_jax.bench.train_step --preset NAME [--batch B --seq L]
+        [--attention_impl xla|cudnn|pallas] [--remat none|dots|full] [--dispatch einsum|ragged|gmm]
+        [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--profile_dir DIR] [--json FILE]
+
+It compiles the real `train_step` (`train_step.make_setup / init_state / jit_train_step`, state
+donated) on the default device with synthetic batches in the data contract's format, times
+`--steps` device-synchronised steps after `--warmup` ones and reports their median.
+
+Model FLOPs per token (training = forward + backward = 3 x forward):
+    6 * N_active  +  6 * n_layers * H * K * L_ctx
+  - N_active: parameters of every matrix a token goes through, counted once per application.
+    Expert weights (a leading expert axis, e.g. [E, D, F]) count k / E of their size (k = experts
+    chosen per token), weights of a layer shared by Universal-Transformer repeats count once per
+    repeat, the output head counts, the input embedding lookup does not (unless tied, where it
+    is the head). Routers count fully; norm scales (vectors) are ignored.
+  - attention: QK^T and PV cost 2 * 2 * H * K multiply-adds per (query, key) pair; with a causal
+    mask a query sees on average L/2 keys (masked-out half not counted), so the forward costs
+    2 * H * K * L per token per layer. Prefix-LM rows see a little more; not counted.
+MFU = model FLOPs per second / the dense bf16 matmul peak measured on the same device in the same
+run (an n x n x n matmul, median time). Peak memory is the allocator's peak bytes in use where the
+device reports it (GPU/TPU; once per process, so run one configuration per process for exact
+numbers), and XLA's static estimate (arguments + temporaries + outputs - aliased) otherwise.
+Imports nothing beyond jax / flax / optax / numpy (no gin, seqio, TF): runs on a bare GPU image.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from openmoe_jax import axes as ax
+from openmoe_jax import sharding
+from openmoe_jax import train_step as ts
+from openmoe_jax import transformer
+from openmoe_jax.config import MeshConfig, ModelConfig, MoeConfig, OptimConfig
+
+MIN_STEPS = 10  # the median is taken over at least this many timed steps
+MASKS = ("causal", "prefix_packed")
+
+# Always-available shapes, so the benchmark runs in CI before / without the preset registries.
+BUILTIN_PRESETS: dict[str, ModelConfig] = {
+    "bench-tiny-dense": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, d_ff=128, max_seq_len=128),
+    "bench-tiny-moe": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_ff=128, max_seq_len=128,
+        moe=MoeConfig(num_experts=4, top_k=2, d_expert=64, layer_period=2, layer_offset=1)),
+}
+# Modules whose module-level dicts of name -> ModelConfig (or a callable returning one, or an
+# object with a `.model` ModelConfig) are searched for presets, in order.
+PRESET_MODULES = ("openmoe_jax.presets", "openmoe_jax.presets_moeut")
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _as_model_config(value: Any) -> ModelConfig | None:
+  if isinstance(value, ModelConfig):
+    return value
+  model = getattr(value, "model", None)
+  if isinstance(model, ModelConfig):
+    return model
+  return None
+
+
+def available_presets() -> dict[str, Any]:
+  """name -> ModelConfig, a factory, or a bundle with `.model`, from PRESET_MODULES + builtins."""
+  found: dict[str, Any] = {}
+  for mod_name in PRESET_MODULES:
+    try:
+      mod = importlib.import_module(mod_name)
+    except ImportError:  # not written yet, or needs a package the device image lacks
+      continue
+    for attr in vars(mod).values():
+      if isinstance(attr, dict) and attr and all(isinstance(k, str) for k in attr):
+        for name, value in attr.items():
+          if _as_model_config(value) is not None or callable(value):
+            found.setdefault(name, value)
+  for name, cfg in BUILTIN_PRESETS.items():
+    found.setdefault(name, cfg)
+  return found
+
+
+def resolve_preset(name: str) -> ModelConfig:
+  presets = available_presets()
+  if name not in presets:
+    raise ValueError(f"--preset={name!r} is unknown; available: {sorted(presets)}")
+  value = presets[name]
+  cfg = _as_model_config(value)
+  if cfg is None and callable(value):
+    cfg = _as_model_config(value())
+  if cfg is None:
+    raise ValueError(f"preset {name!r} gives {type(value).__name__}, not a ModelConfig")
+  return cfg
+
+
+def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = None,
+                    remat: str | None = None, dispatch: str | None = None,
+                    gmm_backend: str | None = None, dtype: str | None = None,
+                    scan_layers: bool | None = None) -> ModelConfig:
+  """The preset with benchmark overrides; None leaves a field as the preset has it."""
+  changes: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, seq)}
+  if attention_impl is not None:
+    if not any(f.name == "attention_impl" for f in dataclasses.fields(ModelConfig)):
+      raise ValueError("--attention_impl needs ModelConfig.attention_impl, which this "
+                       "checkout does not have")
+    changes["attention_impl"] = attention_impl
+  for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers)):
+    if value is not None:
+      changes[name] = value
+  if (dispatch is not None or gmm_backend is not None) and cfg.moe is not None:
+    moe_changes = {}
+    if dispatch is not None:
+      moe_changes["dispatch"] = dispatch
+    if gmm_backend is not None:
+      moe_changes["gmm_backend"] = gmm_backend
+    changes["moe"] = dataclasses.replace(cfg.moe, **moe_changes)
+  return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _names(leaf: nnx.Variable) -> tuple[str | None, ...]:
+  meta = leaf.get_metadata()
+  names = meta.get("out_sharding") or meta.get("sharding_names") or ()
+  return tuple(names)
+
+
+def _expert_top_k(cfg: ModelConfig, path: Sequence[str]) -> int:
+  """Experts a token uses in the expert weight at `path` (attention experts vs FFN experts)."""
+  if any(p.startswith("attn") for p in path):
+    for key in ("att_k", "attn_k", "attention_top_k", "switchhead_k", "att_top_k"):
+      if cfg.option(key) is not None:
+        return int(cfg.option(key))
+    return 2  # SwitchHead / MoEUT default
+  if cfg.moe is None:
+    raise ValueError(f"expert-shaped parameter {'/'.join(path)} in a model without MoeConfig")
+  return cfg.moe.top_k
+
+
+def active_params_per_token(cfg: ModelConfig) -> float:
+  """N_active of the module docstring, from the abstract model (no allocation)."""
+  model = nnx.eval_shape(lambda: ts.build_model(cfg, 0))
+  params = nnx.state(model, nnx.Param)
+  plan = transformer.segment_plan(cfg)
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    shape = tuple(leaf.get_value().shape)
+    names = _names(leaf)
+    if len(names) != len(shape):
+      names = (None,) * len(shape)
+    dims = [d for d, n in zip(shape, names) if n != ax.LAYERS]
+    if len(dims) < 2:
+      continue  # norm scales, biases
+    if "embed" in keys and not cfg.tie_embeddings:
+      continue  # an embedding lookup is a gather, not a matmul
+    size = float(math.prod(shape))
+    if ax.EXPERT in names and len(dims) >= 3:  # [E, D, F]-like; a router [D, E] is dense
+      size *= _expert_top_k(cfg, keys) / shape[names.index(ax.EXPERT)]
+    if "segments" in keys:
+      seg = int(keys[keys.index("segments") + 1])
+      _, _, repeats, shared = plan[seg]
+      if shared:
+        size *= repeats
+    total += size
+  return total
+
+
+def model_flops_per_token(cfg: ModelConfig, seq: int) -> tuple[float, float, float]:
+  """(total, 6 * N_active, attention) training FLOPs per token; formula in the docstring."""
+  n_active = active_params_per_token(cfg)
+  dense = 6.0 * n_active
+  attn = 6.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq
+  return dense + attn, dense, attn
+
+
+# ----------------------------------------------------------------------------- batches
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0,
+                    mask: str = "causal") -> dict[str, np.ndarray]:
+  """A batch in the data contract's format (docs/CONTRACTS.md) with random tokens.
+
+  "causal": one segment filling each row, every target scored (plain LM).
+  "prefix_packed": rows packed with segments of random lengths, each a prefix-LM example whose
+  first part is bidirectional and unscored, with a padded tail (UL2-like).
+  """
+  if mask not in MASKS:
+    raise ValueError(f"mask={mask!r}; expected one of {MASKS}")
+  rng = np.random.default_rng(seed)
+  targets = rng.integers(1, vocab, size=(batch, seq), dtype=np.int32)
+  seg = np.ones((batch, seq), np.int32)
+  prefix = np.zeros((batch, seq), np.int32)
+  weights = np.ones((batch, seq), np.float32)
+  if mask == "prefix_packed":
+    for b in range(batch):
+      start, s = 0, 1
+      end_all = seq - int(rng.integers(0, max(seq // 8, 1) + 1))  # padded tail
+      while start < end_all:
+        length = min(int(rng.integers(max(seq // 8, 2), max(seq // 2, 3))), end_all - start)
+        seg[b, start:start + length] = s
+        n_in = int(rng.integers(0, length))  # inputs part, then targets
+        prefix[b, start:start + n_in + 1] = 1  # seqio: inputs plus the first target position
+        weights[b, start:start + n_in] = 0.0
+        start, s = start + length, s + 1
+      seg[b, end_all:] = 0
+  weights *= seg != 0
+  targets *= seg != 0
+  prefix *= seg != 0
+  # Inputs are the targets shifted right within each segment; 0 (BOS) at each segment start.
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = np.where(seg[:, 1:] == seg[:, :-1], targets[:, :-1], 0)
+  starts = np.ones((batch, seq), bool)
+  starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+  idx = np.arange(seq)[None, :].repeat(batch, 0)
+  last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+  positions = ((idx - last_start) * (seg != 0)).astype(np.int32)
+  return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+          "decoder_loss_weights": weights, "decoder_segment_ids": seg,
+          "decoder_positions": positions, "decoder_causal_attention": prefix}
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batches: Sequence[Any],
+               warmup: int, steps: int) -> tuple[list[float], Any, Any]:
+  """Runs warmup + steps train steps (cycling `batches`); returns (timed seconds, state, metrics).
+
+  Each timed step is bracketed by a device sync of the new state, so its time is the device's
+  time for that step (dispatch included). The state is donated and threaded through.
+  """
+  if steps < MIN_STEPS:
+    raise ValueError(f"steps={steps}; the median needs at least {MIN_STEPS} timed steps")
+  metrics = None
+  for i in range(warmup):
+    state, metrics = step(state, batches[i % len(batches)])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batches[(warmup + i) % len(batches)])
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  return times, state, metrics
+
+
+def matmul_peak_flops(n: int, dtype: Any = jnp.bfloat16, reps: int = 10) -> float:
+  """Dense n x n x n matmul FLOP/s on the default device (median of `reps`, random operands)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+  jax.block_until_ready(f(a, b))
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - t0)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def device_peak_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return int(peak) if peak is not None else None
+
+
+def xla_memory_estimate(compiled: Any) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # backends without a memory analysis
+    return None
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Result:
+  """One benchmark configuration's numbers (seconds, bytes, FLOPs)."""
+  preset: str
+  batch: int
+  seq: int
+  device: str
+  attention_impl: str
+  remat: str
+  dispatch: str
+  step_s: float  # median timed step
+  step_s_min: float
+  step_s_max: float
+  tokens_per_s: float
+  model_flops_per_token: float
+  attention_flops_per_token: float
+  active_params: float
+  total_params: int
+  mfu: float  # model FLOP/s over peak_flops
+  peak_flops: float  # measured dense matmul FLOP/s (bf16 unless --peak_dtype)
+  peak_memory_bytes: int | None  # allocator peak in use (GPU/TPU)
+  xla_memory_bytes: int | None  # XLA's static estimate for the step
+  compile_s: float
+  loss_first: float
+  loss_last: float
+  steps_done: int
+
+
+def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
+        remat: str | None = None, dispatch: str | None = None, gmm_backend: str | None = None,
+        dtype: str | None = None, steps: int = MIN_STEPS, warmup: int = 3, mask: str = "causal",
+        peak_size: int | None = None, peak_dtype: str = "bfloat16",
+        optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
+        cfg: ModelConfig | None = None) -> Result:
+  """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
+  base = cfg if cfg is not None else resolve_preset(preset)
+  cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
+                        dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype)
+  if cfg.vocab_size <= 0:
+    cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
+  devices = jax.devices()
+  if not 0 <= num_devices <= len(devices):
+    raise ValueError(f"--num_devices={num_devices}; expected 0..{len(devices)} (0 = all)")
+  mesh = sharding.make_mesh(MeshConfig(), devices[:num_devices or len(devices)])
+  if batch % mesh.size:
+    raise ValueError(f"--batch={batch} not divisible by the {mesh.size} devices")
+  rules = sharding.RULES["data_parallel"]
+  optim = OptimConfig(name=optimizer, learning_rate=1e-3, warmup_steps=0, schedule="constant")
+  setup = ts.make_setup(cfg, optim, total_steps=warmup + steps + 10, seed=0, mesh=mesh,
+                        rules=rules)
+  state = ts.init_state(setup, seed=0)
+  host_batches = [synthetic_batch(batch, seq, cfg.vocab_size, seed=i, mask=mask)
+                  for i in range(2)]
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batches[0].items()}
+  shardings = ts.batch_shardings(setup, spec)
+  batches = [jax.device_put(b, shardings) for b in host_batches]  # no host->device per step
+  step = ts.jit_train_step(setup, spec)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  # Warm-up (its first step also gives the starting loss), then the timed steps.
+  state, metrics = compiled(state, batches[0])
+  first_loss = float(metrics["loss"])
+  times, state, metrics = time_steps(compiled, state, batches[1:] + batches[:1],
+                                     max(warmup - 1, 0), steps)
+  last_loss = float(metrics["loss"])
+  peak_mem = device_peak_bytes()
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+    for i in range(3):
+      state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+  steps_done = int(state["step"])
+  del state, metrics
+  platform = jax.devices()[0].platform
+  n = peak_size or (8192 if platform in ("gpu", "tpu") else 512)
+  peak = matmul_peak_flops(n, jnp.dtype(peak_dtype))
+  tokens = batch * seq
+  step_s = statistics.median(times)
+  flops_tok, _, attn_tok = model_flops_per_token(cfg, seq)
+  total_params = sum(int(math.prod(x.shape)) for x in
+                     jax.tree.leaves(jax.eval_shape(lambda: nnx.state(
+                         ts.build_model(cfg, 0), nnx.Param))))
+  return Result(
+      preset=preset, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
+      attention_impl=getattr(cfg, "attention_impl", "xla"), remat=cfg.remat,
+      dispatch=cfg.moe.dispatch if cfg.moe is not None else "-",
+      step_s=step_s, step_s_min=min(times), step_s_max=max(times),
+      tokens_per_s=tokens / step_s, model_flops_per_token=flops_tok,
+      attention_flops_per_token=attn_tok, active_params=flops_tok and (flops_tok - attn_tok) / 6,
+      total_params=total_params, mfu=flops_tok * tokens / step_s / peak / mesh.size,
+      peak_flops=peak, peak_memory_bytes=peak_mem, xla_memory_bytes=xla_memory_estimate(compiled),
+      compile_s=compile_s,
+      loss_first=first_loss, loss_last=last_loss, steps_done=steps_done)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _gib(x: int | None) -> str:
+  return "-" if x is None else f"{x / 2 ** 30:.2f}"
+
+
+TABLE_HEADER = ("| preset | B x L | attn | remat | dispatch | step ms | tokens/s | GFLOP/tok | "
+                "MFU | peak TFLOP/s | peak GiB | XLA GiB | compile s |")
+
+
+def table_row(r: Result) -> str:
+  return (f"| {r.preset} | {r.batch} x {r.seq} | {r.attention_impl} | {r.remat} | {r.dispatch} | "
+          f"{r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
+          f"{100 * r.mfu:.1f}% | {r.peak_flops / 1e12:.1f} | {_gib(r.peak_memory_bytes)} | "
+          f"{_gib(r.xla_memory_bytes)} | {r.compile_s:.1f} |")
+
+
+def report(r: Result) -> str:
+  lines = [
+      f"device: {r.device}  preset: {r.preset}  batch x seq: {r.batch} x {r.seq}",
+      f"step time (median of timed steps): {r.step_s * 1e3:.2f} ms "
+      f"(min {r.step_s_min * 1e3:.2f}, max {r.step_s_max * 1e3:.2f})",
+      f"tokens/s: {r.tokens_per_s:,.0f}",
+      f"model FLOPs/token: {r.model_flops_per_token:.4g} (attention {r.attention_flops_per_token:.4g},"
+      f" active params {r.active_params:.4g} of {r.total_params:,})",
+      f"measured dense matmul peak: {r.peak_flops / 1e12:.1f} TFLOP/s   MFU: {100 * r.mfu:.1f}%",
+      f"peak device memory: {_gib(r.peak_memory_bytes)} GiB (allocator)  "
+      f"{_gib(r.xla_memory_bytes)} GiB (XLA estimate)",
+      f"loss: {r.loss_first:.4f} -> {r.loss_last:.4f} after {r.steps_done} steps; "
+      f"compile {r.compile_s:.1f} s",
+      TABLE_HEADER, table_row(r)]
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", required=True, help="preset name (--list_presets shows them)")
+  p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+  p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+  p.add_argument("--steps", type=int, default=MIN_STEPS, help=f"timed steps (>= {MIN_STEPS})")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  p.add_argument("--attention_impl", default=None, help="override ModelConfig.attention_impl")
+  p.add_argument("--remat", default=None, help="override ModelConfig.remat: none|dots|full")
+  p.add_argument("--dispatch", default=None, help="override MoeConfig.dispatch")
+  p.add_argument("--gmm_backend", default=None, help="override MoeConfig.gmm_backend")
+  p.add_argument("--dtype", default=None, help="override ModelConfig.dtype (activations)")
+  p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
+  p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
+  p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
+  p.add_argument("--peak_dtype", default="bfloat16", help="dtype of the peak matmul")
+  p.add_argument("--profile_dir", default=None, help="write a profiler trace of 3 more steps")
+  p.add_argument("--num_devices", type=int, default=1, help="devices (data parallel); 0 = all")
+  p.add_argument("--json", default=None, help="append the result as one JSON line to FILE")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Result:
+  args = sys.argv[1:] if argv is None else list(argv)
+  if "--list_presets" in args:
+    print("\n".join(sorted(available_presets())))
+    raise SystemExit(0)
+  a = parse_args(args)
+  r = run(a.preset, a.batch, a.seq, attention_impl=a.attention_impl, remat=a.remat,
+          dispatch=a.dispatch, gmm_backend=a.gmm_backend, dtype=a.dtype, steps=a.steps,
+          warmup=a.warmup, mask=a.mask, peak_size=a.peak_size, peak_dtype=a.peak_dtype,
+          optimizer=a.optimizer, profile_dir=a.profile_dir,
+          num_devices=a.num_devices)
+  print(report(r), flush=True)
+  if a.json:
+    with open(a.json, "a", encoding="utf-8") as f:
+      f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+  return r
+
+
+if __name__ == "__main__":
+  main()
