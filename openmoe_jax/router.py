@@ -112,7 +112,7 @@ def top_k_routing(logits_GSE: jax.Array, mask_GS: jax.Array, *, top_k: int,
     v_GSK = jnp.take_along_axis(v_GSK, order_GS[..., None], axis=1)
     return jnp.swapaxes(v_GSK, 1, 2).reshape(g, top_k * s)
 
-  token_GA = k_major(jnp.broadcast_to(order_GS[..., None], (g, s, top_k)))
+  token_GA = k_major(jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (g, s, top_k)))
   expert_GA = k_major(expert_GSK).astype(jnp.int32)
   gate_GA = k_major(gate_GSK)
   routed_GA = k_major(jnp.broadcast_to(real_GS[..., None], (g, s, top_k)))
