@@ -1,0 +1,48 @@
+"""Analytical parameter counts (total, active per token, embedding) of a ModelConfig.
+
+Matches the parameters `transformer.Transformer` creates (tests/test_presets.py checks this
+against `nnx.eval_shape`); "active" counts one copy of every shared parameter plus the top-k
+routed experts of each MoE layer (what one token touches), embeddings included.
+"""
+from __future__ import annotations
+
+from openmoe_jax import layers
+from openmoe_jax.config import ModelConfig
+
+
+def _mlp(d: int, f: int, activation: str) -> int:
+  return (3 if layers.is_gated(activation) else 2) * d * f
+
+
+def _attention(cfg: ModelConfig) -> int:
+  if cfg.attention != "dense":
+    raise NotImplementedError(f"count_params: attention={cfg.attention!r} is not counted yet")
+  d, h, n, k = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+  return 2 * d * h * k + 2 * d * n * k
+
+
+def _block(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+  """(total, active) parameters of block `layer`."""
+  d = cfg.d_model
+  base = 2 * d + _attention(cfg)  # two RMSNorm scales + attention
+  m = cfg.moe
+  if m is None or not m.is_moe_layer(layer):
+    ffn = _mlp(d, cfg.d_ff, cfg.activation)
+    return base + ffn, base + ffn
+  f = m.d_expert or cfg.d_ff
+  expert = _mlp(d, f, m.activation)
+  fixed = d * m.num_experts + (_mlp(d, m.num_shared_experts * f, m.activation)
+                               if m.num_shared_experts else 0)
+  return base + fixed + m.num_experts * expert, base + fixed + m.top_k * expert
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """{"total", "active", "embedding"}: embedding = input table + untied output head."""
+  v, d = cfg.vocab_size, cfg.d_model
+  embedding = v * d * (1 if cfg.tie_embeddings else 2)
+  unique_layers = cfg.n_shared_groups or cfg.n_layers  # shared groups sit at layers 0..G-1
+  total = active = embedding + d  # + final norm
+  for layer in range(unique_layers):
+    t, a = _block(cfg, layer)
+    total, active = total + t, active + a
+  return {"total": total, "active": active, "embedding": embedding}
