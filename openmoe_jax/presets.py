@@ -1,4 +1,5 @@
-"""Model presets: one registry of config constructors, each mirrored by gin/models/<name>.gin.
+"""Model presets: one registry of config constructors, each mirrored by a gin/models file
+(`gin_file(name)`: the name with "-" -> "_", e.g. gin/models/tiny_openmoe.gin).
 
 Sources of the real shapes:
   OpenMoE (base / 8B / 34B): the released configs in ColossalAI
@@ -96,6 +97,11 @@ PUBLISHED: dict[str, tuple[float | None, float | None, str]] = {
     "openmoe-34b": (34e9, None, "HF README / paper: 'OpenMoE-34B' (rounded name)"),
     "open_lm-moe": (1.1e9, 509.2e6, "open_lm MOE.md, 410M x 8 experts: 1.1B / 509.2M"),
 }
+
+
+def gin_file(name: str) -> str:
+  """File name under gin/models/ of preset `name`."""
+  return name.replace("-", "_") + ".gin"
 
 
 def get(name: str) -> ModelConfig:

@@ -33,7 +33,7 @@ def fresh_gin():
 
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_gin_file_equals_preset(name, fresh_gin):
-  path = os.path.join("models", f"{name}.gin")
+  path = os.path.join("models", presets.gin_file(name))
   assert os.path.exists(os.path.join(REPO, "gin", path))
   gin_setup.parse([path])
   assert gin_setup.configured("ModelConfig")() == presets.PRESETS[name]()
