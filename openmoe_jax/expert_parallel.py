@@ -1,0 +1,211 @@
+"""Expert parallelism with `shard_map`: all-to-all around the grouped-matmul kernel.
+
+Each device of the "expert" mesh axis holds E/n experts (the rule for `axes.EXPERT`) and a
+slice of the batch (the rule for `axes.BATCH`, which includes the expert axis). Per device:
+
+  1. its kept (token, expert) assignments are sorted by expert, so the rows for each device are
+     a contiguous block: `x_sorted_MD`, with per-expert counts `counts_E`;
+  2. rows travel to the device owning their expert: `ragged_all_to_all` (only the real rows
+     move; GPU / TPU) or a dense `all_to_all` of a worst-case [n, M, D] buffer (CPU);
+  3. received rows are labelled with their local expert from everyone's `counts_E`
+     (one small all-gather), grouped by a second sort fused into the gmm's row gather, and run
+     through the expert FFN with `kernels.gmm` (rows past the groups cost nothing and give 0);
+  4. the outputs travel back the same way and are combined with the router weights.
+
+Dropless by construction: every kept assignment is processed (buffers are sized for the worst
+case, all M rows to one device). With a capacity the router's `kept` flags are honoured, so
+this computes exactly what the "einsum" / "ragged" / "gmm" dispatches compute. Without an
+active mesh (`sharding.activate`) or with one expert shard it runs the same code locally.
+Shape letters: M assignments on this device, R rows received (n * M), J = n * E_local
+(source, local expert) segments; the rest as in `openmoe_jax.axes`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from openmoe_jax import axes as ax
+from openmoe_jax import layers
+from openmoe_jax import sharding
+from openmoe_jax.kernels import gmm as gmm_lib
+
+EXCHANGES = ("auto", "dense", "ragged")
+
+
+def resolve_exchange(exchange: str) -> str:
+  """"auto": ragged all-to-all where XLA implements it (GPU, TPU), else the dense one."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r}; expected one of {EXCHANGES}")
+  if exchange == "auto":
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+  return exchange
+
+
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                       *, axis_name):
+  """jax.lax.ragged_all_to_all (a module-level name, so CPU tests can substitute an emulation)."""
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                   recv_sizes, axis_name=axis_name)
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def _count(ids: jax.Array, length: int) -> jax.Array:
+  """int32 histogram of `ids` over [0, length); ids >= length (sentinels) are not counted."""
+  return jnp.zeros((length,), jnp.int32).at[ids].add(1, mode="drop")
+
+
+def _label_rows(num_rows: int, starts_J: jax.Array, sizes_J: jax.Array, e_local: int) -> jax.Array:
+  """Local expert of each received row (segments ordered source-major); e_local for padding."""
+  rows_R = jnp.arange(num_rows, dtype=jnp.int32)
+  seg_R = jnp.clip(jnp.searchsorted(starts_J, rows_R, side="right") - 1, 0, starts_J.shape[0] - 1)
+  inside_R = rows_R < starts_J[seg_R] + sizes_J[seg_R]
+  return jnp.where(inside_R, seg_R % e_local, e_local).astype(jnp.int32)
+
+
+def expert_ffn(x_RD: jax.Array, local_R: jax.Array, weights: tuple[jax.Array, ...], *,
+               activation: str, gmm_backend: str) -> jax.Array:
+  """Rows labelled with a local expert (or the sentinel E_local) through their expert's FFN."""
+  w_gate_EDF, w_out_EFD = weights[0], weights[-1]
+  w_up_EDF = weights[1] if len(weights) == 3 else None
+  e_local = w_gate_EDF.shape[0]
+  order_R = jnp.argsort(local_R, stable=True)  # padding rows (sentinel) last
+  sizes_E = _count(local_R, e_local)
+  mm = functools.partial(gmm_lib.gmm, group_sizes_G=sizes_E, backend=gmm_backend)
+  gate_RF = mm(x_RD, w_gate_EDF, row_index=order_R)
+  up_RF = None if w_up_EDF is None else mm(x_RD, w_up_EDF, row_index=order_R)
+  out_RD = mm(layers.activate(activation, gate_RF, up_RF), w_out_EFD)
+  return out_RD[jnp.argsort(order_R)]
+
+
+def _dense_exchange(x_sorted_MD, dest_M, pos_M, send_n, counts_nE, me, n, ffn, axis):
+  m, d = x_sorted_MD.shape
+  e_local = counts_nE.shape[1] // n
+  start_n = _exclusive_cumsum(send_n)
+  slot_nM = jnp.arange(m, dtype=jnp.int32)[None, :]
+  rows_nM = jnp.clip(start_n[:, None] + slot_nM, 0, m - 1)
+  send_nMD = jnp.where((slot_nM < send_n[:, None])[..., None], x_sorted_MD[rows_nM], 0)
+  recv_RD = jax.lax.all_to_all(send_nMD.reshape(n * m, d), axis, 0, 0, tiled=True)
+  mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
+  starts_J = (jnp.arange(n, dtype=jnp.int32)[:, None] * m + _exclusive_cumsum(mine_nE, 1))
+  y_RD = ffn(recv_RD, _label_rows(n * m, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
+  back_RD = jax.lax.all_to_all(y_RD, axis, 0, 0, tiled=True)
+  kept_M = dest_M < n
+  rows_M = jnp.clip(jnp.where(kept_M, dest_M, 0) * m + pos_M, 0, n * m - 1)
+  return jnp.where(kept_M[:, None], back_RD[rows_M], 0)
+
+
+def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
+  m, d = x_sorted_MD.shape
+  e_local = counts_nE.shape[1] // n
+  start_n = _exclusive_cumsum(send_n)
+  sizes_nn = counts_nE.reshape(n, n, e_local).sum(-1)  # [source, destination]
+  recv_n = sizes_nn[:, me]
+  recv_start_n = _exclusive_cumsum(recv_n)
+  out_start_n = _exclusive_cumsum(sizes_nn, 0)[me]  # where my rows land on each destination
+  buf_RD = jax.lax.pcast(jnp.zeros((n * m, d), x_sorted_MD.dtype), axis, to="varying")
+  recv_RD = _ragged_all_to_all(x_sorted_MD, buf_RD, start_n, send_n, out_start_n, recv_n,
+                               axis_name=axis)
+  mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
+  starts_J = recv_start_n[:, None] + _exclusive_cumsum(mine_nE, 1)
+  y_RD = ffn(recv_RD, _label_rows(n * m, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
+  # Back: my block from source s returns to s at the offset s sent it from.
+  back_start_n = _exclusive_cumsum(sizes_nn, 1)[:, me]
+  out_MD = jax.lax.pcast(jnp.zeros((m, d), y_RD.dtype), axis, to="varying")
+  return _ragged_all_to_all(y_RD, out_MD, recv_start_n, recv_n, back_start_n, send_n,
+                            axis_name=axis)
+
+
+def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: str | None,
+                n: int, exchange: str, activation: str, gmm_backend: str,
+                vary: tuple[str, ...] = ()) -> jax.Array:
+  """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32.
+
+  `vary`: batch mesh axes the weights are replicated over; marking them varying makes the
+  gmm's custom_vjp see per-device weights, and the transpose of the cast sums their gradients.
+  """
+  if vary:
+    weights = tuple(jax.lax.pcast(w, vary, to="varying") for w in weights)
+  g, s, d = x_GSD.shape
+  e_local = weights[0].shape[0]
+  e = e_local * n
+  x_TD = x_GSD.reshape(g * s, d)
+  token_M = (token_GA + s * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)
+  kept_M = kept_GA.reshape(-1)
+  expert_M = jnp.where(kept_M, expert_GA.reshape(-1), e)  # dropped -> sentinel e, sorted last
+  weight_M = jnp.where(kept_M, weight_GA.reshape(-1), 0.0)
+  order_M = jnp.argsort(expert_M, stable=True)
+  sorted_expert_M = expert_M[order_M]
+  x_sorted_MD = x_TD[token_M[order_M]]
+  ffn = functools.partial(expert_ffn, weights=weights, activation=activation,
+                          gmm_backend=gmm_backend)
+  counts_E = _count(expert_M, e)
+  if axis is None:
+    y_sorted_MD = ffn(x_sorted_MD, jnp.minimum(sorted_expert_M, e))
+  else:
+    me = jax.lax.axis_index(axis)
+    counts_nE = jax.lax.all_gather(counts_E, axis)  # [source, expert]: tiny
+    send_n = counts_E.reshape(n, e_local).sum(-1)
+    if exchange == "ragged":
+      y_sorted_MD = _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis)
+    else:
+      dest_M = sorted_expert_M // e_local  # n for the sentinel
+      pos_M = (jnp.arange(order_M.shape[0], dtype=jnp.int32)
+               - _exclusive_cumsum(send_n)[jnp.minimum(dest_M, n - 1)])
+      y_sorted_MD = _dense_exchange(x_sorted_MD, dest_M, pos_M, send_n, counts_nE, me, n, ffn,
+                                    axis)
+  y_MD = y_sorted_MD[jnp.argsort(order_M)].astype(jnp.float32) * weight_M[:, None]
+  y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(jnp.where(kept_M[:, None], y_MD, 0))
+  return y_TD.reshape(g, s, d)
+
+
+def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA: jax.Array,
+            weight_GA: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array | None,
+            w_out_EFD: jax.Array, *, activation: str, gmm_backend: str = "auto",
+            exchange: str = "auto") -> jax.Array:
+  """Routed experts' output y_GSD (float32), expert-parallel over the active mesh.
+
+  Routing arrays are [G, A] (`router.Routing` fields; `weight_GA` = combine weights). Groups G
+  are split over the batch mesh axes, experts over the expert axis.
+  """
+  weights = (w_gate_EDF, w_out_EFD) if w_up_EDF is None else (w_gate_EDF, w_up_EDF, w_out_EFD)
+  e = w_gate_EDF.shape[0]
+  mesh = sharding.active_mesh()
+  run: Callable[..., jax.Array]
+  if mesh is None:
+    run = functools.partial(_device_moe, axis=None, n=1, exchange="dense",
+                            activation=activation, gmm_backend=gmm_backend)
+    return run(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
+  expert_axes = sharding.mesh_axes_for(ax.EXPERT)
+  batch_axes = sharding.mesh_axes_for(ax.BATCH)
+  expert_axes = tuple(a for a in expert_axes if mesh.shape[a] > 1)
+  if len(expert_axes) > 1:
+    raise ValueError(f"expert parallelism over one mesh axis only; rules map experts to "
+                     f"{expert_axes}")
+  axis = expert_axes[0] if expert_axes else None
+  n = mesh.shape[axis] if axis else 1
+  if e % n:
+    raise ValueError(f"MoeConfig.num_experts={e} is not divisible by the expert mesh axis "
+                     f"{axis!r} of size {n}")
+  if axis is not None and axis not in batch_axes:
+    raise ValueError(f"the batch rule {batch_axes} must include the expert axis {axis!r} "
+                     "(each expert shard routes its own tokens)")
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  if x_GSD.shape[0] % shards:
+    raise ValueError(f"{x_GSD.shape[0]} routing groups are not divisible by the {shards} batch "
+                     f"shards of mesh {dict(mesh.shape)}; use a batch (or MoeConfig.group_size) "
+                     "that splits evenly")
+  run = functools.partial(_device_moe, axis=axis, n=n, exchange=resolve_exchange(exchange),
+                          activation=activation, gmm_backend=gmm_backend,
+                          vary=tuple(a for a in batch_axes if a != axis))
+  tok = P(batch_axes or None)
+  w = P(axis)
+  return jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 5 + (w,) * len(weights),
+                       out_specs=tok)(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
