@@ -9,7 +9,7 @@ import dataclasses
 
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 ROUTERS = ("topk_softmax", "sigma", "expert_choice")
-DISPATCHES = ("einsum", "ragged", "gmm")
+DISPATCHES = ("einsum", "ragged", "gmm", "shard_map")  # shard_map: openmoe_jax.expert_parallel
 REMATS = ("none", "dots", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")  # see attention.dot_product_attention
 DTYPES = ("float32", "bfloat16", "float16")

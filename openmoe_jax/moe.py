@@ -206,6 +206,13 @@ class MoeFFN(nnx.Module):
       y_GSD = self._einsum(x_GSD, routing, c)
     elif dispatch in ("ragged", "gmm"):
       y_GSD = self._sorted(x_GSD, routing, dispatch)
+    elif dispatch == "shard_map":  # dropless expert parallelism: all-to-all around gmm
+      from openmoe_jax import expert_parallel  # pylint: disable=import-outside-toplevel
+      w_gate, w_up, w_out = self._weights()
+      y_GSD = expert_parallel.moe_ffn(x_GSD, routing.token_GA, routing.expert_GA,
+                                      routing.kept_GA, routing.gate_GA, w_gate, w_up, w_out,
+                                      activation=self.moe.activation,
+                                      gmm_backend=self.moe.gmm_backend)
     else:
       raise ValueError(f"MoeConfig.dispatch={dispatch!r}; expected einsum, ragged or gmm")
     y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)
