@@ -33,6 +33,8 @@ def _block(cfg: ModelConfig, layer: int) -> tuple[int, int]:
   expert = _mlp(d, f, m.activation)
   fixed = d * m.num_experts + (_mlp(d, m.num_shared_experts * f, m.activation)
                                if m.num_shared_experts else 0)
+  if cfg.option("moe_extra_mlp") == "sequential":  # OpenMoE's dense MLP after the experts
+    fixed += d + _mlp(d, cfg.d_ff, cfg.activation)
   return base + fixed + m.num_experts * expert, base + fixed + m.top_k * expert
 
 

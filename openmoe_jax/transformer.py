@@ -80,6 +80,12 @@ class Block(nnx.Module):
     self.ffn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
     self.attn = make_attention(cfg, rngs, out_scale)
     self.ffn = make_ffn(cfg, is_moe, rngs, out_scale)
+    # OpenMoE: every MoE layer also runs a dense MLP *after* the experts, with its own pre-norm
+    # and residual (ModelConfig.extra ("moe_extra_mlp", "sequential"); see convert/openmoe.py).
+    extra_mlp = is_moe and cfg.option("moe_extra_mlp") == "sequential"
+    self.extra_norm = (layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
+                       if extra_mlp else None)
+    self.extra_mlp = layers.MLP(cfg, rngs, out_std_scale=out_scale) if extra_mlp else None
     self.dtype = layers.dtype_of(cfg.dtype)
 
   def __call__(self, x_BLD: jax.Array, inputs: BlockInputs, cache: Any,
@@ -102,6 +108,8 @@ class Block(nnx.Module):
       f_BLD, ffn_aux = self.ffn(h_BLD, token_mask_BL=inputs.token_mask_BL, rng=rng_ffn,
                                 deterministic=inputs.deterministic)
     x_BLD = x_BLD + f_BLD.astype(x_BLD.dtype)
+    if self.extra_mlp is not None:
+      x_BLD = x_BLD + self.extra_mlp(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     aux = {**{f"attn_{k}": v for k, v in attn_aux.items()}, **ffn_aux}
     return x_BLD, new_cache, aux
 
