@@ -215,3 +215,21 @@ def test_shape_mismatch_names_parameter_and_both_shapes(synthetic, tmp_path):
     openmoe.convert(directory, str(tmp_path / "work"),
                     dataclasses.replace(MODEL, norm_eps=1e-5), data_state={})
   assert not os.path.exists(tmp_path / "work")
+
+
+def test_safetensors_export_round_trips_converted_params(synthetic, tmp_path):
+  from safetensors import safe_open
+  from openmoe_jax.convert import safetensors_export
+  params, directory = synthetic
+  work, _ = openmoe.convert(directory, str(tmp_path / "work"), MODEL, data_state={})
+  path = safetensors_export.export(work, str(tmp_path / "m.safetensors"))
+  with safe_open(path, "np") as f:
+    assert f.metadata()["step"] == "0"
+    np.testing.assert_array_equal(f.get_tensor("embed.embedding_VD"),
+                                  params["token_embedder/embedding"])
+    # layer 3 = repeat 1 of the 2-block unit, block 1 (the MoE block)
+    np.testing.assert_array_equal(f.get_tensor("segments.0.unit.blocks.1.ffn.w_gate_EDF")[1],
+                                  params["decoder/layers_3/mlp/expert/wi_0/kernel"])
+    q = f.get_tensor("segments.0.unit.blocks.0.attn.w_q_DHK")[0]
+    np.testing.assert_allclose(q, params["decoder/layers_0/self_attention/query/kernel"]
+                               .reshape(D, H, K) * np.sqrt(K), rtol=1e-6)
