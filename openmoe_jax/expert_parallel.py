@@ -110,7 +110,7 @@ def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
   recv_n = sizes_nn[:, me]
   recv_start_n = _exclusive_cumsum(recv_n)
   out_start_n = _exclusive_cumsum(sizes_nn, 0)[me]  # where my rows land on each destination
-  buf_RD = jax.lax.pcast(jnp.zeros((n * m, d), x_sorted_MD.dtype), axis, to="varying")
+  buf_RD = jnp.zeros((n * m, d), x_sorted_MD.dtype)
   recv_RD = _ragged_all_to_all(x_sorted_MD, buf_RD, start_n, send_n, out_start_n, recv_n,
                                axis_name=axis)
   mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
@@ -118,21 +118,14 @@ def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
   y_RD = ffn(recv_RD, _label_rows(n * m, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
   # Back: my block from source s returns to s at the offset s sent it from.
   back_start_n = _exclusive_cumsum(sizes_nn, 1)[:, me]
-  out_MD = jax.lax.pcast(jnp.zeros((m, d), y_RD.dtype), axis, to="varying")
+  out_MD = jnp.zeros((m, d), y_RD.dtype)
   return _ragged_all_to_all(y_RD, out_MD, recv_start_n, recv_n, back_start_n, send_n,
                             axis_name=axis)
 
 
 def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: str | None,
-                n: int, exchange: str, activation: str, gmm_backend: str,
-                vary: tuple[str, ...] = ()) -> jax.Array:
-  """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32.
-
-  `vary`: batch mesh axes the weights are replicated over; marking them varying makes the
-  gmm's custom_vjp see per-device weights, and the transpose of the cast sums their gradients.
-  """
-  if vary:
-    weights = tuple(jax.lax.pcast(w, vary, to="varying") for w in weights)
+                n: int, exchange: str, activation: str, gmm_backend: str) -> jax.Array:
+  """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32."""
   g, s, d = x_GSD.shape
   e_local = weights[0].shape[0]
   e = e_local * n
@@ -203,9 +196,10 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
                      f"shards of mesh {dict(mesh.shape)}; use a batch (or MoeConfig.group_size) "
                      "that splits evenly")
   run = functools.partial(_device_moe, axis=axis, n=n, exchange=resolve_exchange(exchange),
-                          activation=activation, gmm_backend=gmm_backend,
-                          vary=tuple(a for a in batch_axes if a != axis))
+                          activation=activation, gmm_backend=gmm_backend)
   tok = P(batch_axes or None)
   w = P(axis)
+  # check_vma=False: Pallas gmm kernels declare outputs without varying-axis types. shard_map
+  # still sums the weights' gradients over the batch axes they are replicated on (tested).
   return jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 5 + (w,) * len(weights),
-                       out_specs=tok)(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
+                       out_specs=tok, check_vma=False)(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
