@@ -1,28 +1,91 @@
-"""Multi-host start-up: `jax.distributed.initialize` from the environment when there is one."""
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
+
+Where the coordinator comes from, first match wins:
+  1. explicit arguments (`initialize(coordinator_address=..., num_processes=..., process_id=...)`);
+  2. JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID (+ optional
+     JAX_LOCAL_DEVICE_IDS=0,1,...), as `launch/multi_gpu.py` sets them for one process per GPU;
+  3. a cluster JAX detects itself: SLURM with more than one task (srun), a multi-host TPU pod
+     slice (TPU_WORKER_HOSTNAMES lists several hosts) or multi-slice (MEGASCALE_*).
+A single process with none of these does nothing. Call it before any other JAX call.
+
+After it, `jax.devices()` spans every host; `sharding.make_mesh` keeps each host's devices
+contiguous along the batch axes, the data pipeline reads shard `jax.process_index()` of
+`jax.process_count()`, `jax.make_array_from_process_local_data` assembles the global batch, and
+orbax writes / reads each host's shards of a checkpoint (restorable on any host count).
+"""
 from __future__ import annotations
 
 import os
 
 import jax
 
-_ENV_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-              "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_HINTS = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_int(env: dict[str, str], name: str) -> int:
+  value = env.get(name)
+  try:
+    return int(value)  # type: ignore[arg-type]
+  except (TypeError, ValueError):
+    raise ValueError(f"${name}={value!r}; expected an integer (set with "
+                     "JAX_COORDINATOR_ADDRESS for an explicit multi-process launch)") from None
+
+
+def cluster_detected(env: dict[str, str] | None = None) -> bool:
+  """True where jax.distributed can find its coordinator by itself (SLURM, TPU pod, slices)."""
+  env = dict(os.environ) if env is None else env
+  if int(env.get("SLURM_NTASKS", "1") or "1") > 1:
+    return True
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  return len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
+
+
+def explicit_args(env: dict[str, str] | None = None) -> dict[str, object] | None:
+  """initialize() arguments from JAX_COORDINATOR_ADDRESS & co., or None if it is unset."""
+  env = dict(os.environ) if env is None else env
+  if not env.get("JAX_COORDINATOR_ADDRESS"):
+    return None
+  num, pid = _env_int(env, "JAX_NUM_PROCESSES"), _env_int(env, "JAX_PROCESS_ID")
+  if not 0 <= pid < num:
+    raise ValueError(f"JAX_PROCESS_ID={pid} outside 0..JAX_NUM_PROCESSES-1={num - 1}")
+  kwargs: dict[str, object] = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                               "num_processes": num, "process_id": pid}
+  if env.get("JAX_LOCAL_DEVICE_IDS"):
+    kwargs["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  return kwargs
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None,
+               local_device_ids: list[int] | None = None) -> bool:
+  """Joins the multi-process job; returns False (and does nothing) for a single process."""
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError(f"coordinator_address={coordinator_address!r} needs num_processes and "
+                       f"process_id (got {num_processes!r}, {process_id!r})")
+    kwargs: dict[str, object] | None = {"coordinator_address": coordinator_address,
+                                        "num_processes": num_processes,
+                                        "process_id": process_id}
+    if local_device_ids is not None:
+      kwargs["local_device_ids"] = local_device_ids  # type: ignore[index]
+  else:
+    kwargs = explicit_args()
+  if kwargs is None and not cluster_detected():
+    return False
+  if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+    # CPU collectives across processes (tests, CPU clusters) need an implementation.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**(kwargs or {}))
+  return True
 
 
 def initialize_from_env() -> bool:
-  """Initialises jax.distributed on a TPU pod, under SLURM, or with explicit coordinator env.
+  """`initialize()` from the environment only (what `launch/train.py` calls)."""
+  return initialize()
 
-  Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID. A single
-  process with none of these set does nothing and returns False.
-  """
-  if not any(k in os.environ for k in _ENV_HINTS):
-    return False
-  if os.environ.get("SLURM_NTASKS") == "1" and "JAX_COORDINATOR_ADDRESS" not in os.environ:
-    return False
-  kwargs = {}
-  if "JAX_COORDINATOR_ADDRESS" in os.environ:
-    kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
-              "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
-              "process_id": int(os.environ["JAX_PROCESS_ID"])}
-  jax.distributed.initialize(**kwargs)
-  return True
+
+def describe() -> str:
+  """One line for logs: this process, the job's size and the devices it sees."""
+  return (f"process {jax.process_index()}/{jax.process_count()}: "
+          f"{jax.local_device_count()} local / {jax.device_count()} global "
+          f"{jax.devices()[0].platform} devices")

@@ -1,0 +1,91 @@
+"""Two CPU processes x 4 devices joined by `distributed.initialize` (explicit coordinator) train
+one step on a global (data=2, fsdp=4) mesh from per-host batch rows, and save an orbax checkpoint
+together; the loss equals one process with 8 devices, and one process restores the checkpoint
+on a single device bit-exactly."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _setup(mesh_cfg, devices=None):
+  from openmoe_jax import sharding, train_step as ts  # pylint: disable=import-outside-toplevel
+  from openmoe_jax.config import OptimConfig  # pylint: disable=import-outside-toplevel
+  from test_sharding import model_cfg  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  return ts.make_setup(model_cfg("shard_map"), OptimConfig(warmup_steps=0), 10, 0, mesh,
+                       sharding.RULES["fsdp"])
+
+
+def _worker(workdir: str) -> None:
+  """One host: 4 local devices of 8, its 4 batch rows, one step, a shared checkpoint."""
+  from openmoe_jax import distributed  # pylint: disable=import-outside-toplevel
+  assert distributed.initialize()  # JAX_COORDINATOR_ADDRESS & co. from the parent
+  import jax  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import sharding, train_step as ts  # pylint: disable=import-outside-toplevel
+  from openmoe_jax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  from test_sharding import batch  # pylint: disable=import-outside-toplevel
+  host, hosts = jax.process_index(), jax.process_count()
+  assert (hosts, jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+  setup = _setup(MeshConfig(data=2, fsdp=4))
+  rows = 8 // hosts
+  local = {k: np.asarray(v)[host * rows:(host + 1) * rows] for k, v in batch().items()}
+  data = {k: jax.make_array_from_process_local_data(sharding.batch_sharding(setup.mesh, v.ndim), v)
+          for k, v in local.items()}
+  state, metrics = ts.jit_train_step(setup, data)(ts.init_state(setup, 0), data)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=1, every=1)
+  ckpt.save(1, state, {"host_count": hosts}, force=True)
+  ckpt.close()
+  with open(os.path.join(workdir, f"host{host}.json"), "w", encoding="utf-8") as f:
+    json.dump({"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}, f)
+
+
+def test_two_processes_match_one_and_checkpoint_restores(tmp_path):
+  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
+         "JAX_NUM_PROCESSES": "2", "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)],
+                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+  got = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
+  assert got[0] == got[1]
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import train_step as ts  # pylint: disable=import-outside-toplevel
+  from openmoe_jax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  from test_sharding import batch  # pylint: disable=import-outside-toplevel
+  setup = _setup(MeshConfig(data=2, fsdp=4))
+  data = batch()
+  want_state, want = ts.jit_train_step(setup, data)(ts.init_state(setup, 0), data)
+  np.testing.assert_allclose(got[0]["loss"], float(want["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(got[0]["grad_norm"], float(want["grad_norm"]), rtol=1e-4)
+
+  one = _setup(MeshConfig(data=1), jax.devices()[:1])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                          jax.eval_shape(lambda: ts.init_state(one, 0)))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=1, every=1)
+  restored, data_state = ckpt.restore(abstract, one.state_shardings)
+  ckpt.close()
+  assert data_state == {"host_count": 2}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(want_state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])
