@@ -69,7 +69,7 @@ def test_download_params_only_convert_load_and_finetune(gcs, tmp_path):
   assert stats["fetched_bytes"] == stats["total_bytes"] == sum(
       os.path.getsize(os.path.join(dst, k)) for k in got)
 
-  train_cfg = TrainConfig(steps=1, batch_size=8, seq_len=32, eval_every=0, eval_batches=1,
+  train_cfg = TrainConfig(steps=1, batch_size=8, seq_len=16, eval_every=0, eval_batches=1,
                           checkpoint_every=0, sample_tokens=0)
   optim, data = OptimConfig(learning_rate=1e-4, warmup_steps=0), DataConfig()
   work, cfg = openmoe.convert(dst, str(tmp_path / "work"), MODEL, optim=optim, data=data,
