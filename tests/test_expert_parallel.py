@@ -82,16 +82,16 @@ def _assert_close(a, b):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=2e-5)
 
 
-MESHES = [
-    (MeshConfig(data=1, expert=8), "fsdp_expert"),
-    (MeshConfig(data=2, expert=4), "fsdp_expert"),
-    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor"),
-    (MeshConfig(data=8), "data_parallel"),  # one expert shard: local compute per batch shard
+CASES = [  # (mesh, rules, exchange)
+    (MeshConfig(data=1, expert=8), "fsdp_expert", "dense"),
+    (MeshConfig(data=2, expert=4), "fsdp_expert", "ragged"),
+    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "dense"),
+    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "ragged"),
+    (MeshConfig(data=8), "data_parallel", "dense"),  # one expert shard: local per batch shard
 ]
 
 
-@pytest.mark.parametrize("exchange", ["dense", "ragged"])
-@pytest.mark.parametrize("mesh_cfg,rules", MESHES)
+@pytest.mark.parametrize("mesh_cfg,rules,exchange", CASES)
 def test_shard_map_matches_reference(mesh_cfg, rules, exchange, monkeypatch):
   if exchange == "ragged":
     monkeypatch.setattr(ep, "_ragged_all_to_all", _emulated_ragged_all_to_all)

@@ -65,7 +65,6 @@ PRESETS = [
     ("fsdp_expert_tensor", MeshConfig(data=1, fsdp=2, expert=2, tensor=2)),
 ]
 CASES = [(r, m, "einsum") for r, m in PRESETS] + [
-    ("fsdp_expert", MeshConfig(data=1, fsdp=2, expert=4), "shard_map"),
     ("fsdp_expert_tensor", MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "shard_map")]
 _REFERENCE: dict[str, tuple] = {}
 
