@@ -110,6 +110,8 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     raise ValueError(f"TrainConfig.batch_size={train.batch_size} not divisible by "
                      f"grad_accum_steps * hosts = {optim.grad_accum_steps * hosts}")
   device_mesh = sharding.make_mesh(mesh)
+  # Each micro-batch must split evenly over the batch mesh axes and the hosts.
+  sharding.check_batch(train.batch_size // optim.grad_accum_steps, device_mesh, hosts)
   rules = sharding.RULES.get(mesh.rules)
   if rules is None:
     raise ValueError(f"MeshConfig.rules={mesh.rules!r}; expected one of {sorted(sharding.RULES)}")
