@@ -100,28 +100,23 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_end_to_end_cpu_run(tmp_path, capsys):
-  """The real jitted train_step runs, trains (loss falls on repeated batches) and reports."""
+  """The real jitted train_step of a MoE model on packed prefix-LM batches runs, trains (loss
+  falls on repeated batches) and reports."""
   out = tmp_path / "r.jsonl"
-  r = bench.main(["--preset", "bench-tiny-dense", "--batch", "4", "--seq", "32", "--steps", "10",
-                  "--warmup", "2", "--remat", "dots", "--json", str(out),
+  r = bench.main(["--preset", "bench-tiny-moe", "--batch", "4", "--seq", "32", "--steps", "10",
+                  "--warmup", "2", "--remat", "dots", "--mask", "prefix_packed",
+                  "--dispatch", "einsum", "--json", str(out),
                   "--profile_dir", str(tmp_path / "trace")])
   assert r.steps_done == 2 + 10 + 3  # warm-up + timed + profiled steps, state donated through
   assert r.loss_last < r.loss_first
-  assert r.remat == "dots" and r.attention_impl == "xla"
+  assert r.remat == "dots" and r.attention_impl == "xla" and r.dispatch == "einsum"
+  assert r.active_params < r.total_params
   assert r.step_s_min <= r.step_s <= r.step_s_max
   assert r.tokens_per_s == pytest.approx(4 * 32 / r.step_s)
   assert r.mfu == pytest.approx(r.model_flops_per_token * r.tokens_per_s / r.peak_flops)
   assert 0 < r.mfu < 1
   line = json.loads(out.read_text().splitlines()[-1])
-  assert line["preset"] == "bench-tiny-dense" and line["batch"] == 4
+  assert line["preset"] == "bench-tiny-moe" and line["batch"] == 4
   text = capsys.readouterr().out
   assert "tokens/s" in text and "MFU" in text and bench.TABLE_HEADER in text
   assert any(p.is_file() for p in (tmp_path / "trace").rglob("*"))
-
-
-def test_prefix_packed_moe_run():
-  pytest.importorskip("openmoe_jax.moe")
-  r = bench.run("bench-tiny-moe", 4, 32, steps=10, warmup=1, mask="prefix_packed",
-                dispatch="einsum")
-  assert np.isfinite(r.loss_last) and r.dispatch == "einsum"
-  assert r.active_params < r.total_params
