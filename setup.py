@@ -27,7 +27,7 @@ setup(
     python_requires=">=3.12",
     packages=_PACKAGES,
     package_dir=_PACKAGE_DIR,
-    package_data={"openmoe_jax.data": ["corpus/*"]},
+    package_data={"openmoe_jax.kernels.gmm": ["tuned.json"]},
     install_requires=[
         "jax>=0.11,<0.12",
         "flax>=0.12,<0.13",

@@ -5,6 +5,7 @@ Gin binds only dataclass fields of `openmoe_jax.config` and the arguments of ent
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -48,10 +49,21 @@ def parse(files: Sequence[str], bindings: Sequence[str] = (),
     if not os.path.exists(f) and not any(
         os.path.exists(os.path.join(p, f)) for p in (*search_paths, REPO_GIN_DIR)):
       raise FileNotFoundError(f"gin file not found: {f}")
+  # gin logs an ERROR for every search-path miss before it finds an include; hide those.
+  root = logging.getLogger()
+  quiet = _DropGinPathMisses()
+  root.addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
   except (ValueError, KeyError, SyntaxError) as e:  # gin reports unknown names this way
     raise ValueError(f"bad gin configuration: {e}") from e
+  finally:
+    root.removeFilter(quiet)
+
+
+class _DropGinPathMisses(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith("Path not found:")
 
 
 def operative_config() -> str:
