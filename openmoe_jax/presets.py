@@ -6,8 +6,8 @@ Sources of the real shapes:
     examples/language/openmoe/model/openmoe_{base,8b,34b}_config.json and its
     modeling_openmoe.py: layer i is MoE iff (i + 1) % moe_layer_interval == 0; experts have the
     dense FFN width (intermediate_size); every MoE layer *also* has a dense "extra_mlp" of that
-    width, modelled here as one shared expert (same parameters; OpenMoE applies it after the
-    experts with its own norm and residual, we add it in parallel to the experts).
+    width, applied after the experts with its own norm and residual
+    (ModelConfig.extra ("moe_extra_mlp", "sequential"), the function convert/openmoe.py proves).
     umT5 vocabulary 256384, untied head, SwiGLU, RoPE, 2K context, router z-loss 1e-4,
     balance loss 0.01, capacity 1.25 train / 2.0 eval with min capacity 4, output z-loss 0.01.
   openllama-base: "dense counterpart of openmoe-base" (OpenMoE README): the same without experts.
@@ -30,10 +30,10 @@ def _openmoe(d_model: int, n_layers: int, n_heads: int, head_dim: int, d_ff: int
   return ModelConfig(
       vocab_size=256384, d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim,
       d_ff=d_ff, activation="swiglu", norm_eps=1e-6, tie_embeddings=False, rope_theta=10000.0,
-      max_seq_len=2048, z_loss=0.01,
+      max_seq_len=2048, z_loss=0.01, extra=(("moe_extra_mlp", "sequential"),),
       moe=MoeConfig(num_experts=num_experts, top_k=2, router="topk_softmax",
                     capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4,
-                    load_balance_weight=0.01, z_loss_weight=1e-4, num_shared_experts=1,
+                    load_balance_weight=0.01, z_loss_weight=1e-4, num_shared_experts=0,
                     layer_period=interval, layer_offset=interval - 1, activation="swiglu"))
 
 
@@ -42,7 +42,7 @@ def openmoe_base() -> ModelConfig:
 
 
 def openllama_base() -> ModelConfig:
-  return dataclasses.replace(openmoe_base(), moe=None)
+  return dataclasses.replace(openmoe_base(), moe=None, extra=())
 
 
 def openmoe_8b() -> ModelConfig:
