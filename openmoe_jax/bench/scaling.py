@@ -111,6 +111,27 @@ def check(n: int, exchange: str) -> float:
              for u, v in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])))
 
 
+def bandwidth(n: int, mbytes: int = 256) -> dict[str, float]:
+  """GB/s (bytes per device / time) of a bf16 psum and all_to_all over n devices: the link speed
+  that bounds the data-parallel gradient reduction and the expert all-to-all."""
+  mesh = sharding.make_mesh(MeshConfig(data=1, expert=n), jax.devices()[:n])
+  rows = mbytes * 2 ** 20 // (2 * 1024)
+  x = jax.device_put(jnp.ones((n * rows, 1024), jnp.bfloat16),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))
+  ops = {"all_reduce": lambda v: jax.lax.psum(v, "expert"),
+         "all_to_all": lambda v: jax.lax.all_to_all(v, "expert", 0, 0, tiled=True)}
+  out = {}
+  for name, op in ops.items():
+    f = jax.jit(jax.shard_map(op, mesh=mesh, in_specs=jax.sharding.PartitionSpec("expert"),
+                              out_specs=jax.sharding.PartitionSpec("expert")))
+    jax.block_until_ready(f(x))
+    t0 = time.perf_counter()
+    for _ in range(5):
+      jax.block_until_ready(f(x))
+    out[name] = mbytes / 1024 / ((time.perf_counter() - t0) / 5)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--devices", default="1,2")
@@ -127,6 +148,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--check", action="store_true")
+  p.add_argument("--bandwidth", action="store_true", help="time psum / all_to_all first")
   p.add_argument("--json", default="")
   a = p.parse_args()
   counts = [int(c) for c in a.devices.split(",")]
@@ -136,6 +158,8 @@ def main() -> None:
         f"{ep.resolve_exchange(a.exchange)}; {model_config(a)}", flush=True)
   if a.check and max(counts) > 1:
     print(f"check: max relative |EP - local| = {check(max(counts), a.exchange):.2e}", flush=True)
+  if a.bandwidth and max(counts) > 1:
+    print(f"link GB/s per device (256 MiB bf16): {bandwidth(max(counts))}", flush=True)
   rows = []
   for n in counts:
     rows.append(measure(a, n))
