@@ -153,3 +153,25 @@ def test_gin_preset_builds_a_valid_mesh(name):
   mesh = sharding.make_mesh(cfg)
   assert mesh.devices.size == 8
   sharding.validate_rules(sharding.rules_for(cfg.rules), mesh)
+
+
+def test_multi_host_mesh_puts_the_host_boundary_on_data_or_fsdp(monkeypatch):
+  """Fake GPU devices of 2 processes: the slow (DCN) split lands on data, else fsdp."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  @dataclasses.dataclass(frozen=True)
+  class FakeGpu:
+    id: int
+    process_index: int
+    platform: str = "gpu"
+    device_kind: str = "fake"
+
+  devices = [FakeGpu(i, i // 4) for i in range(8)]
+  monkeypatch.setattr(sharding, "Mesh", lambda arr, names: arr)
+  proc = np.vectorize(lambda d: d.process_index)
+  arr = sharding.make_mesh(MeshConfig(data=2, fsdp=2, expert=2), devices)
+  assert (proc(arr) == np.arange(2).reshape(2, 1, 1, 1)).all()
+  arr = sharding.make_mesh(MeshConfig(data=1, fsdp=4, expert=2), devices)
+  assert (proc(arr) == np.repeat(np.arange(2), 2).reshape(1, 4, 1, 1)).all()
+  with pytest.raises(ValueError, match="2 slices/hosts must divide one of"):
+    sharding.make_mesh(MeshConfig(data=1, fsdp=1, expert=8), devices)
