@@ -1,8 +1,8 @@
 """Train on GPUs: one host (all GPUs in one process, or one process per GPU), or several hosts.
 
     # one host, one process driving every GPU (simplest):
-    python launch/multi_gpu.py --gin_file=gin/experiments/X.gin --gin_file=gin/sharding/fsdp_expert.gin \
-        --workdir=runs/x
+    python launch/multi_gpu.py --gin_file=gin/experiments/X.gin \
+        --gin_file=gin/sharding/fsdp_expert.gin --workdir=runs/x
     # one process per GPU (what multi-host looks like, on one machine):
     python launch/multi_gpu.py --processes_per_host=8 ... --workdir=runs/x
     # host r of N (run on every host, same coordinator = host 0's address):

@@ -201,5 +201,6 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
   w = P(axis)
   # check_vma=False: Pallas gmm kernels declare outputs without varying-axis types. shard_map
   # still sums the weights' gradients over the batch axes they are replicated on (tested).
-  return jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 5 + (w,) * len(weights),
-                       out_specs=tok, check_vma=False)(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
+  sharded = jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 5 + (w,) * len(weights),
+                          out_specs=tok, check_vma=False)
+  return sharded(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)

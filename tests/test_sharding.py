@@ -47,7 +47,8 @@ def loss_and_grads(cfg: ModelConfig, mesh, rules) -> tuple[float, dict, object]:
 
   def objective(params, data):
     with sharding.activate(mesh, rules):
-      sums, _ = ts._forward_sums(setup, params, data, None, deterministic=False)  # pylint: disable=protected-access
+      sums, _ = ts._forward_sums(  # pylint: disable=protected-access
+          setup, params, data, None, deterministic=False)
     return (sums["loss_sum"] + sums["z_loss_sum"]) / weight + sums["aux_loss"]
 
   fn = jax.jit(jax.value_and_grad(objective),
