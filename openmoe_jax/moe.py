@@ -4,8 +4,9 @@ Three dispatch backends compute the same function (tests/test_moe.py checks forw
 gradient agreement):
   "einsum": T5X one-hot dispatch / combine tensors [G, S, E, C] and dense expert einsums
             (needs a capacity; dropless uses C = S);
-  "ragged": kept (token, expert) assignments sorted by expert, `jax.lax.ragged_dot`, then a
-            weighted scatter-add back to the tokens (dropless or with capacity);
+  "ragged": kept (token, expert) assignments sorted by expert, `jax.lax.ragged_dot`, then the
+            outputs un-permuted to [T, K, D] by a gather and summed with the gates (dropless or
+            with capacity; expert choice combines by scatter-add);
   "gmm":    the same with `openmoe_jax.kernels.gmm.gmm` (fused row gather, custom_vjp).
 With a capacity, the ragged / gmm backends process exactly the assignments the einsum backend
 keeps, so dropped tokens get 0 from the experts on every backend; the block's residual passes
@@ -52,6 +53,54 @@ def _gmm_module():
   if not hasattr(gmm_lib, "gmm"):
     raise ValueError("openmoe_jax.kernels.gmm has no gmm(); use dispatch='ragged'")
   return gmm_lib
+
+
+def _stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
+  """Stable argsort of int keys in [0, num_keys): one keys-only sort of key * M + index when
+  that fits int32 (a radix sort on GPU, no (key, index) pair sort), else jnp.argsort."""
+  m = key_M.shape[0]
+  if num_keys * m < 2 ** 31:
+    packed_M = jnp.sort(key_M.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32))
+    return (packed_M % m).astype(jnp.int32)
+  return jnp.argsort(key_M, stable=True).astype(jnp.int32)
+
+
+@jax.custom_vjp
+def _permute_rows(x_ND: jax.Array, idx_N: jax.Array, inv_N: jax.Array) -> jax.Array:
+  """x_ND[idx_N] for a permutation idx_N with inverse inv_N; the VJP is a gather by inv_N
+  (not a scatter-add)."""
+  return x_ND[idx_N]
+
+
+def _permute_rows_fwd(x_ND, idx_N, inv_N):
+  return x_ND[idx_N], inv_N
+
+
+def _permute_rows_bwd(inv_N, dy_ND):
+  return dy_ND[inv_N], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@jax.custom_vjp
+def _gather_rows_sum_back(x_TD: jax.Array, tok_M: jax.Array, row_TK: jax.Array) -> jax.Array:
+  """x_TD[tok_M] where every token appears exactly K times (rows row_TK[t] of the result).
+  The VJP gathers those K rows per token and sums them (no scatter-add)."""
+  return x_TD[tok_M]
+
+
+def _gather_rows_sum_back_fwd(x_TD, tok_M, row_TK):
+  return x_TD[tok_M], (row_TK, jnp.zeros((0,), x_TD.dtype))
+
+
+def _gather_rows_sum_back_bwd(res, dy_MD):
+  row_TK, proto = res
+  dx_TD = jnp.sum(dy_MD[row_TK].astype(jnp.float32), axis=1).astype(proto.dtype)
+  return dx_TD, None, None
+
+
+_gather_rows_sum_back.defvjp(_gather_rows_sum_back_fwd, _gather_rows_sum_back_bwd)
 
 
 class MoeFFN(nnx.Module):
@@ -151,36 +200,72 @@ class MoeFFN(nnx.Module):
     return y_GSD
 
   def _sorted(self, x_GSD: jax.Array, routing: router_lib.Routing, backend: str) -> jax.Array:
-    """Ragged / gmm backends: kept assignments sorted by expert, grouped matmuls, scatter-add."""
+    """Ragged / gmm backends: kept assignments sorted by expert, grouped matmuls, combine.
+
+    Lean path (no [M, E] one-hots, no float32 [M, D] buffers): group sizes are a bincount of
+    the expert ids, the order is one stable sort of the flat ids (dropped ones last), gmm reads
+    x through its fused row gather, and for token choice the [M, D] outputs are un-permuted
+    into [T, K, D] by a gather (inverse permutation; its VJP is the opposite gather) and
+    summed over K with the gates. Expert choice (a token may have 0..E assignments) keeps a
+    scatter-add combine.
+    """
     g, s, d = x_GSD.shape
-    e = self.moe.num_experts
+    e, k = self.moe.num_experts, self.moe.top_k
+    a = routing.token_GA.shape[1]
+    m = g * a
     w_gate, w_up, w_out = self._weights()
     x_TD = x_GSD.reshape(g * s, d)
     token_M = (routing.token_GA + s * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)
-    expert_M, kept_M = routing.expert_GA.reshape(-1), routing.kept_GA.reshape(-1)
-    weight_M = routing.combine_weight_GA().reshape(-1)
-    sizes_E = jnp.sum(jax.nn.one_hot(expert_M, e, dtype=jnp.int32) * kept_M[:, None], axis=0)
-    order_M = jnp.argsort(jnp.where(kept_M, expert_M, e), stable=True)  # dropped ones last
-    token_M, kept_M, weight_M = token_M[order_M], kept_M[order_M], weight_M[order_M]
+    kept_M = routing.kept_GA.reshape(-1)
+    weight_M = routing.combine_weight_GA().reshape(-1)  # float32, 0 where dropped
+    key_M = jnp.where(kept_M, routing.expert_GA.reshape(-1), e).astype(jnp.int32)
+    sizes_E = jnp.bincount(key_M, length=e).astype(jnp.int32)  # sentinel e is not counted
+    order_M = _stable_order(key_M, e + 1)
+    tok_sorted_M = token_M[order_M]
+    kept_sorted_M = kept_M[order_M]
+    weight_sorted_M = weight_M[order_M]
 
+    token_choice = self.moe.router != "expert_choice" and a == k * s
+    if token_choice:
+      # Assignment a = j * S + p holds choice j of one token (k-major, see top_k_routing), so
+      # tk = token * K + j is a permutation of [T * K]; row_TK: sorted row of (token, choice).
+      j_M = jnp.tile(jnp.arange(a, dtype=jnp.int32) // s, g)
+      tk_sorted_M = tok_sorted_M * k + j_M[order_M]
+      row_TK = jnp.zeros((m,), jnp.int32).at[tk_sorted_M].set(
+          jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+
+    # Gate and up projections as one grouped matmul over [E, D, 2F]: x is gathered once, and
+    # the gmm backward scatters one [M, D] row gradient instead of two.
+    f = w_gate.shape[2]
+    w_in = w_gate if w_up is None else jnp.concatenate([w_gate, w_up], axis=2)
     if backend == "ragged":
-      x_MD = x_TD[token_M]
-
-      def mm(lhs_MK, rhs_EKN, gather=False):
-        return jax.lax.ragged_dot(x_MD if gather else lhs_MK, rhs_EKN, sizes_E)
+      if token_choice:
+        x_MD = _gather_rows_sum_back(x_TD, tok_sorted_M, row_TK.reshape(g * s, k))
+      else:
+        x_MD = x_TD[tok_sorted_M]
+      in_MF = jax.lax.ragged_dot(x_MD, w_in, sizes_E)
+      mm_out = lambda h_MF: jax.lax.ragged_dot(h_MF, w_out, sizes_E)
     else:
       gmm_lib = _gmm_module()
-
-      def mm(lhs_MK, rhs_EKN, gather=False):  # gather: rows are x_TD[token_M], fused
-        return gmm_lib.gmm(lhs_MK, rhs_EKN, sizes_E, backend=self.moe.gmm_backend,
-                           row_index=token_M if gather else None)
-    gate_MF = mm(x_TD, w_gate, gather=True)
-    up_MF = None if w_up is None else mm(x_TD, w_up, gather=True)
+      in_MF = gmm_lib.gmm(x_TD, w_in, sizes_E, backend=self.moe.gmm_backend,
+                          row_index=tok_sorted_M)
+      mm_out = lambda h_MF: gmm_lib.gmm(h_MF, w_out, sizes_E, backend=self.moe.gmm_backend)
+    gate_MF, up_MF = (in_MF, None) if w_up is None else (in_MF[:, :f], in_MF[:, f:])
     h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
-    out_MD = mm(h_MF, w_out)
-    # Rows of dropped assignments lie outside every group: force exact zeros (no NaN * 0).
-    out_MD = jnp.where(kept_M[:, None], out_MD.astype(jnp.float32) * weight_M[:, None], 0.0)
-    y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(out_MD)
+    out_MD = mm_out(h_MF)  # compute dtype, sorted by expert
+
+    if token_choice:
+      out_TKD = _permute_rows(out_MD, row_TK, tk_sorted_M).reshape(g * s, k, d)
+      w_TK = weight_sorted_M[row_TK].reshape(g * s, k)
+      kept_TK = kept_sorted_M[row_TK].reshape(g * s, k)
+      # Rows of dropped assignments lie outside every group: exact zeros (no NaN * 0). The
+      # product and the K-sum fuse with the gather; nothing [M, D] in float32 is stored.
+      y_TD = jnp.sum(jnp.where(kept_TK[..., None],
+                               out_TKD.astype(jnp.float32) * w_TK[..., None], 0.0), axis=1)
+    else:
+      out_MD = jnp.where(kept_sorted_M[:, None],
+                         out_MD.astype(jnp.float32) * weight_sorted_M[:, None], 0.0)
+      y_TD = jnp.zeros((g * s, d), jnp.float32).at[tok_sorted_M].add(out_MD)
     return y_TD.reshape(g, s, d)
 
   # ------------------------------------------------------------------ call

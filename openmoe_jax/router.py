@@ -63,10 +63,23 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
 
 
 def _slots_GA(expert_GA: jax.Array, routed_GA: jax.Array, num_experts: int) -> jax.Array:
-  """Slot of each assignment in its expert's buffer: number of earlier routed ones to it."""
-  onehot_GAE = jax.nn.one_hot(expert_GA, num_experts, dtype=jnp.int32) * routed_GA[..., None]
-  before_GAE = jnp.cumsum(onehot_GAE, axis=1) - onehot_GAE
-  return jnp.sum(before_GAE * onehot_GAE, axis=-1).astype(jnp.int32)
+  """Slot of each assignment in its expert's buffer: number of earlier routed ones to it.
+
+  One stable sort per group of the expert ids (unrouted ones last) instead of an [G, A, E]
+  one-hot cumsum: slot = rank in the sorted order - start of the expert's run. Unrouted -> 0.
+  """
+  g, a = expert_GA.shape
+  key_GA = jnp.where(routed_GA, expert_GA, num_experts).astype(jnp.int32)
+  order_GA = jnp.argsort(key_GA, axis=1, stable=True).astype(jnp.int32)
+  sorted_GA = jnp.take_along_axis(key_GA, order_GA, axis=1)
+  count_GE = jax.vmap(lambda k: jnp.bincount(k, length=num_experts + 1))(key_GA)
+  start_GE = (jnp.cumsum(count_GE, axis=1) - count_GE).astype(jnp.int32)
+  slot_sorted_GA = (jnp.arange(a, dtype=jnp.int32)[None, :]
+                    - jnp.take_along_axis(start_GE, sorted_GA, axis=1))
+  rows_G1 = jnp.arange(g, dtype=jnp.int32)[:, None]
+  slot_GA = jnp.zeros((g, a), jnp.int32).at[rows_G1, order_GA].set(
+      slot_sorted_GA, unique_indices=True)
+  return jnp.where(routed_GA, slot_GA, 0)
 
 
 def top_k_routing(logits_GSE: jax.Array, mask_GS: jax.Array, *, top_k: int,
@@ -177,9 +190,11 @@ def load_balance_loss(probs_GSE: jax.Array, routing: Routing, mask_GS: jax.Array
 
 def expert_load(routing: Routing, num_experts: int) -> jax.Array:
   """float32 [E]: fraction of routed assignments (before capacity) that went to each expert."""
-  routed_GA = routing.routed_GA.astype(jnp.float32)
-  count_E = jnp.einsum("GAE,GA->E", jax.nn.one_hot(routing.expert_GA, num_experts), routed_GA)
-  return jax.lax.stop_gradient(count_E / jnp.maximum(jnp.sum(routed_GA), 1.0))
+  routed_A = routing.routed_GA.reshape(-1)
+  ids_A = jnp.where(routed_A, routing.expert_GA.reshape(-1), num_experts)  # sentinel: dropped
+  count_E = jnp.bincount(ids_A, length=num_experts).astype(jnp.float32)  # exact int counts
+  total = jnp.sum(routed_A.astype(jnp.int32)).astype(jnp.float32)
+  return jax.lax.stop_gradient(count_E / jnp.maximum(total, 1.0))
 
 
 def z_loss(logits_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:
