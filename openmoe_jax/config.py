@@ -83,6 +83,56 @@ class MoeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SwitchHeadConfig:
+  """SwitchHead attention (MoEUT): dense Q/K, per-head expert V and O chosen by sigma-MoE gates."""
+
+  num_experts: int = 8  # att_n_experts per head; 1 = dense V/O with a learned sigmoid output gate
+  top_k: int = 2  # att_k: V / O experts active per head and token
+  entropy_weight: float = 0.001  # MoEUT att_entropy_reg (delta) on the V and O selections
+
+  def __post_init__(self):
+    _positive("SwitchHeadConfig.num_experts", self.num_experts)
+    _check(1 <= self.top_k <= self.num_experts,
+           f"SwitchHeadConfig.top_k={self.top_k}; expected 1..num_experts={self.num_experts}")
+    _positive("SwitchHeadConfig.entropy_weight", self.entropy_weight, allow_zero=True)
+
+
+UMOE_ACTIVATIONS = ("silu", "relu", "gelu")  # UMoE experts are plain (not gated) D -> F -> D MLPs
+
+
+@dataclasses.dataclass(frozen=True)
+class UmoeConfig:
+  """UMoE: attention as "pre-mixing" + FFN experts shared by the attention and FFN sub-layers."""
+
+  num_experts: int = 64  # E routed experts per layer, used by both attention and FFN
+  d_expert: int = 512  # F of one expert (moe_intermediate_size)
+  attn_top_k: int = 3  # experts (= attention heads) per token in attention (num_experts_per_tok)
+  ffn_top_k: int = 10  # experts per token in the FFN (ffn_num_experts_per_tok)
+  qk_dim: int = 512  # Q: query / key width (qk_nope_head_dim + qk_rope_head_dim)
+  q_lora_rank: int = 36  # rank of the per-expert low-rank queries; 0 = full-rank [D, Q] each
+  res_query: bool = True  # add a shared full-rank query to every low-rank expert query
+  num_shared_experts: int = 1  # always-on experts (width num_shared * F) with their own query
+  separate_ffn_shared: bool = True  # the FFN uses its own shared expert (not attention's)
+  separate_ffn_router: bool = True  # the FFN routes with its own router
+  one_head: bool = False  # one_head_attention_moe: one query, one mixed vector fed to all top-k
+  activation: str = "silu"  # expert non-linearity, one of UMOE_ACTIVATIONS
+  aux_loss_weight: float = 0.001  # DeepSeek per-sequence balance loss (aux_loss_alpha), per router
+
+  def __post_init__(self):
+    _positive("UmoeConfig.num_experts", self.num_experts)
+    _positive("UmoeConfig.d_expert", self.d_expert)
+    _positive("UmoeConfig.qk_dim", self.qk_dim)
+    for name in ("attn_top_k", "ffn_top_k"):
+      k = getattr(self, name)
+      _check(1 <= k <= self.num_experts,
+             f"UmoeConfig.{name}={k}; expected 1..num_experts={self.num_experts}")
+    _positive("UmoeConfig.q_lora_rank", self.q_lora_rank, allow_zero=True)
+    _positive("UmoeConfig.num_shared_experts", self.num_shared_experts, allow_zero=True)
+    _positive("UmoeConfig.aux_loss_weight", self.aux_loss_weight, allow_zero=True)
+    _choice("UmoeConfig.activation", self.activation, UMOE_ACTIVATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only transformer shape and options (OpenMoE, openllama, MoEUT, UMoE)."""
 
@@ -113,6 +163,11 @@ class ModelConfig:
   init_std: float = 0.02  # std of normal initialisers (scaled per layer by the model code)
   z_loss: float = 0.0  # output-logit z-loss coefficient (PaLM/OpenMoE style)
   extra: tuple[tuple[str, object], ...] = ()  # family-specific options (SwitchHead, UMoE), key/value
+  switchhead: SwitchHeadConfig | None = None  # needed by attention="switchhead"
+  umoe: UmoeConfig | None = None  # needed by attention="umoe" (the block then has no `moe` FFN)
+  init_scheme: str = "scaled"  # "scaled": normal(init_std), residual outputs / sqrt(2 n_layers);
+  #   "moeut": MoEUT's reset_parameters: std sqrt(2 / n_layers) / sqrt(fan_in) for every
+  #   projection (init_std unused), embeddings std 1 / sqrt(d_model)
 
   def __post_init__(self):
     _positive("ModelConfig.vocab_size", self.vocab_size, allow_zero=True)
@@ -131,6 +186,13 @@ class ModelConfig:
     _choice("ModelConfig.norm_scheme", self.norm_scheme, ("pre", "peri"))
     _choice("ModelConfig.remat", self.remat, REMATS)
     _choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _choice("ModelConfig.init_scheme", self.init_scheme, ("scaled", "moeut"))
+    _check(self.attention != "switchhead" or self.switchhead is not None,
+           "ModelConfig.attention='switchhead' needs ModelConfig.switchhead (a SwitchHeadConfig)")
+    _check(self.attention != "umoe" or self.umoe is not None,
+           "ModelConfig.attention='umoe' needs ModelConfig.umoe (a UmoeConfig)")
+    _check(self.attention != "umoe" or self.moe is None,
+           "ModelConfig.attention='umoe' shares its experts with the FFN; set ModelConfig.moe=None")
     _check(0.0 < self.rope_fraction <= 1.0,
            f"ModelConfig.rope_fraction={self.rope_fraction}; expected (0, 1]")
     _check(self.n_shared_groups == 0 or self.n_layers % self.n_shared_groups == 0,

@@ -14,7 +14,7 @@ import gin
 from openmoe_jax import config
 
 _CONFIGS = (config.ModelConfig, config.MoeConfig, config.DataConfig, config.OptimConfig,
-            config.MeshConfig, config.TrainConfig)
+            config.MeshConfig, config.TrainConfig, config.SwitchHeadConfig, config.UmoeConfig)
 _registered = False
 CONFIGURED: dict[str, object] = {}  # name -> the gin-wrapped callable (applies the bindings)
 

@@ -52,9 +52,9 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding [V, D]; `attend` gives tied output logits."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, std: float = 1.0):
     self.dtype = dtype_of(cfg.dtype)
-    self.embedding_VD = param(rngs, normal(1.0), (cfg.vocab_size, cfg.d_model),
+    self.embedding_VD = param(rngs, normal(std), (cfg.vocab_size, cfg.d_model),
                               (ax.VOCAB, ax.EMBED), cfg.param_dtype)
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
@@ -69,8 +69,9 @@ class Embed(nnx.Module):
 def rope_frequencies(head_dim: int, fraction: float, theta: float) -> jax.Array:
   """Inverse frequencies for the rotated part of a head: [R/2] with R = rotated dims (even).
 
-  MoEUT rotates only a fraction of each head; an odd rotated half-dimension (MoEUT-44M) is fine
-  here because the rotated width is rounded down to an even number, never split unevenly.
+  MoEUT rotates only a fraction of each head. RoPE rotates dimension *pairs*, so an odd rotated
+  width (MoEUT-44M: int(0.5 * 82) = 41, which crashes the original code) is rounded down to an
+  even one (40), as MoEUT's later fix does; the remaining dims pass through unrotated.
   """
   rotated = int(head_dim * fraction) // 2 * 2
   if rotated == 0:

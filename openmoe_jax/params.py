@@ -15,6 +15,9 @@ def _mlp(d: int, f: int, activation: str) -> int:
 
 
 def _attention(cfg: ModelConfig) -> int:
+  if cfg.attention == "switchhead":
+    from openmoe_jax import switchhead  # pylint: disable=import-outside-toplevel
+    return switchhead.param_count(cfg)
   if cfg.attention != "dense":
     raise NotImplementedError(f"count_params: attention={cfg.attention!r} is not counted yet")
   d, h, n, k = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
@@ -24,6 +27,15 @@ def _attention(cfg: ModelConfig) -> int:
 def _block(cfg: ModelConfig, layer: int) -> tuple[int, int]:
   """(total, active) parameters of block `layer`."""
   d = cfg.d_model
+  if cfg.attention == "umoe":  # experts shared by attention and FFN; active: attn_k + ffn_k
+    from openmoe_jax import umoe  # pylint: disable=import-outside-toplevel
+    u = cfg.umoe
+    total = umoe.param_count(cfg)
+    idle = max(u.num_experts - u.attn_top_k - u.ffn_top_k, 0) * 2 * d * u.d_expert
+    if not u.one_head:  # per-expert queries of the experts attention did not pick
+      idle += (u.num_experts - u.attn_top_k) * (
+          d * u.q_lora_rank + u.q_lora_rank * u.qk_dim if u.q_lora_rank else d * u.qk_dim)
+    return total, total - idle
   base = 2 * d + _attention(cfg)  # two RMSNorm scales + attention
   m = cfg.moe
   if m is None or not m.is_moe_layer(layer):

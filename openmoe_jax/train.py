@@ -50,6 +50,10 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
   fields = dict(d)
   if fields.get("moe") is not None:
     fields["moe"] = MoeConfig(**fields["moe"])
+  from openmoe_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  for name, cls in (("switchhead", config_lib.SwitchHeadConfig), ("umoe", config_lib.UmoeConfig)):
+    if fields.get(name) is not None:
+      fields[name] = cls(**fields[name])
   fields["extra"] = tuple(tuple(kv) for kv in fields.get("extra", ()))
   return ModelConfig(**fields)
 

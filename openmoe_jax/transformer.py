@@ -70,16 +70,33 @@ def make_ffn(cfg: ModelConfig, is_moe: bool, rngs: nnx.Rngs, out_std_scale: floa
   return moe.MoeFFN(cfg, rngs, out_std_scale)
 
 
+def moeut_init(cfg: ModelConfig, is_moe: bool) -> tuple[ModelConfig, float, float]:
+  """MoEUT's reset_parameters as (sub-module config, attention out-scale, FFN out-scale).
+
+  MoEUT draws every projection from N(0, sqrt(2 / n_layers) / sqrt(fan_in)). Input projections
+  (Q, K, V, routers, expert keys) have fan_in = d_model: that is `init_std`. Output projections
+  get it through `out_std_scale`: O has fan_in H*K, the sigma-MoE values E*F (MoEUT's choice).
+  """
+  d = cfg.d_model
+  sub_cfg = dataclasses.replace(cfg, init_std=(2.0 / cfg.n_layers) ** 0.5 / d ** 0.5)
+  attn_fan_in = cfg.n_heads * cfg.resolved_head_dim
+  ffn_fan_in = (cfg.moe.num_experts * (cfg.moe.d_expert or cfg.d_ff) if is_moe else cfg.d_ff)
+  return sub_cfg, (d / attn_fan_in) ** 0.5, (d / ffn_fan_in) ** 0.5
+
+
 class Block(nnx.Module):
   """One transformer layer: attention then FFN, pre-LN or MoEUT peri-LN residual scheme."""
 
   def __init__(self, cfg: ModelConfig, is_moe: bool, rngs: nnx.Rngs):
     out_scale = 1.0 / (2.0 * cfg.n_layers) ** 0.5  # GPT-2 style scaled residual outputs
+    sub_cfg, attn_scale, ffn_scale = cfg, out_scale, out_scale
+    if cfg.init_scheme == "moeut":
+      sub_cfg, attn_scale, ffn_scale = moeut_init(cfg, is_moe)
     self.peri = cfg.norm_scheme == "peri"
     self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
     self.ffn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
-    self.attn = make_attention(cfg, rngs, out_scale)
-    self.ffn = make_ffn(cfg, is_moe, rngs, out_scale)
+    self.attn = make_attention(sub_cfg, rngs, attn_scale)
+    self.ffn = make_ffn(sub_cfg, is_moe, rngs, ffn_scale)
     # OpenMoE: every MoE layer also runs a dense MLP *after* the experts, with its own pre-norm
     # and residual (ModelConfig.extra ("moe_extra_mlp", "sequential"); see convert/openmoe.py).
     extra_mlp = is_moe and cfg.option("moe_extra_mlp") == "sequential"
@@ -114,13 +131,21 @@ class Block(nnx.Module):
     return x_BLD, new_cache, aux
 
 
+def make_block(cfg: ModelConfig, is_moe: bool, rngs: nnx.Rngs) -> nnx.Module:
+  """A Block, or a UMoE block (its attention and FFN share one set of experts)."""
+  if cfg.attention == "umoe":
+    from openmoe_jax import umoe  # pylint: disable=import-outside-toplevel
+    return umoe.UmoeBlock(cfg, rngs)
+  return Block(cfg, is_moe, rngs)
+
+
 class Unit(nnx.Module):
   """P consecutive blocks; `first_layer` is the model-level index of block 0 (for MoE placement)."""
 
   def __init__(self, cfg: ModelConfig, first_layer: int, size: int, rngs: nnx.Rngs):
     def is_moe(i: int) -> bool:
       return cfg.moe is not None and cfg.moe.is_moe_layer(first_layer + i)
-    self.blocks = nnx.List([Block(cfg, is_moe(i), rngs) for i in range(size)])
+    self.blocks = nnx.List([make_block(cfg, is_moe(i), rngs) for i in range(size)])
 
   def __call__(self, x_BLD: jax.Array, inputs: BlockInputs, caches: Any,
                rng: jax.Array | None) -> tuple[jax.Array, Any, Aux]:
@@ -199,7 +224,8 @@ class Transformer(nnx.Module):
     if cfg.vocab_size <= 0:
       raise ValueError("ModelConfig.vocab_size must be set (>0) before building the model")
     self.cfg = cfg
-    self.embed = layers.Embed(cfg, rngs)
+    self.embed = layers.Embed(cfg, rngs, std=cfg.d_model ** -0.5 if cfg.init_scheme == "moeut"
+                              else 1.0)
     self.segments = nnx.List([Segment(cfg, first, size, reps, shared, rngs)
                               for first, size, reps, shared in segment_plan(cfg)])
     self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
@@ -258,9 +284,11 @@ class Transformer(nnx.Module):
 
 
 def total_aux_loss(aux: Aux) -> jax.Array:
-  """Sum of every `aux_loss` leaf (already weighted by its coefficient) in the aux tree."""
+  """Sum of every `aux_loss` leaf (already weighted by its coefficient) in the aux tree, also
+  under a prefix (`attn_aux_loss`: Block prefixes the attention's aux keys with "attn_")."""
   total = jnp.zeros((), jnp.float32)
   for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
-    if getattr(path[-1], "key", None) == "aux_loss":
+    key = str(getattr(path[-1], "key", ""))
+    if key == "aux_loss" or key.endswith("_aux_loss"):
       total = total + jnp.sum(leaf)
   return total

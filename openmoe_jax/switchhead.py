@@ -1,0 +1,184 @@
+"""SwitchHead attention (MoEUT, Csordas et al. 2024): dense Q and K, expert V and O per head.
+
+Per head h, a sigma-MoE gate (sigmoid, top-k of the raw sigmoid values, no renormalisation)
+picks `top_k` of `num_experts` value projections by the *source* token and `top_k` output
+projections by the *destination* token:
+  v[s, h] = sum_{e in topk_v(s, h)} g_v[s, h, e] * x[s] @ W_v[h, e]
+  y[t]    = sum_h sum_{e in topk_o(t, h)} g_o[t, h, e] * attn[t, h] @ W_o[h, e]
+Selections read the normalised stream (peri-LN `qk_input_BLD`), V reads the raw one, as MoEUT.
+With num_experts == 1 it is dense attention whose heads are scaled by a learned sigmoid gate
+sigmoid(x @ w_sel_o) before the output projection (MoEUT's att_n_experts=1 path).
+Expert projections run as grouped matmuls (`jax.lax.ragged_dot`) over the (head, expert) groups
+of the k * H selections per token, like MoEUT's CVMM kernel; the KV cache stores post-expert V.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openmoe_jax import attention as attn_lib
+from openmoe_jax import axes as ax
+from openmoe_jax import layers
+from openmoe_jax import sharding
+from openmoe_jax.config import ModelConfig
+
+Aux = dict[str, jax.Array]
+
+
+def grouped_project(src_RI: jax.Array, src_index_M: jax.Array, group_M: jax.Array,
+                    weight_M: jax.Array, w_GIO: jax.Array, out_index_M: jax.Array,
+                    n_out: int) -> jax.Array:
+  """out[n] = sum over rows m with out_index[m] == n of weight[m] * src[src_index[m]] @ w[group[m]].
+
+  Rows are sorted by group and multiplied with one ragged matmul; returns float32 [n_out, O].
+  """
+  g = w_GIO.shape[0]
+  order_M = jnp.argsort(group_M, stable=True)
+  lhs_MI = src_RI[src_index_M[order_M]].astype(w_GIO.dtype)
+  sizes_G = jnp.bincount(group_M, length=g).astype(jnp.int32)
+  out_MO = jax.lax.ragged_dot(lhs_MI, w_GIO, sizes_G, preferred_element_type=jnp.float32)
+  out_MO = out_MO * weight_M[order_M].astype(jnp.float32)[:, None]
+  return jnp.zeros((n_out, w_GIO.shape[-1]), jnp.float32).at[out_index_M[order_M]].add(out_MO)
+
+
+def sigma_select(logits_BLHE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """sigma-MoE selection: indices and gates (raw sigmoid values) of the top-k, both [B, L, H, k]."""
+  probs = jax.nn.sigmoid(logits_BLHE.astype(jnp.float32))
+  gate_BLHk, idx_BLHk = jax.lax.top_k(probs, top_k)
+  return idx_BLHk.astype(jnp.int32), gate_BLHk
+
+
+def entropy_regularizer(logits_BLHE: jax.Array, token_mask_BL: jax.Array) -> jax.Array:
+  """MoEUT's attention entropy regulariser: log(E) - H(p) with p the softmax of the selection
+  logits averaged over the real tokens of each sequence, averaged over sequences and heads.
+
+  MoEUT also pools the repeats of a shared layer into one average; here each application gets
+  its own term and the block scales the sum by 1 / repeats (their mean). Gradients: -dH.
+  """
+  e = logits_BLHE.shape[-1]
+  mask_BL = token_mask_BL.astype(jnp.float32)
+  n_B = jnp.sum(mask_BL, axis=1)
+  probs_BLHE = jax.nn.softmax(logits_BLHE.astype(jnp.float32), axis=-1)
+  mean_BHE = jnp.einsum("BLHE,BL->BHE", probs_BLHE, mask_BL) / jnp.maximum(n_B, 1.0)[:, None,
+                                                                                    None]
+  entropy_BH = -jnp.sum(mean_BHE * jnp.log(jnp.maximum(mean_BHE, 1e-20)), axis=-1)
+  valid_B = (n_B > 0).astype(jnp.float32)
+  per_seq_B = jnp.mean(jnp.log(float(e)) - entropy_BH, axis=-1)
+  return jnp.sum(per_seq_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Parameters of one SwitchHeadAttention (for openmoe_jax.params)."""
+  d, h, k, e = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.switchhead.num_experts
+  if e == 1:
+    return 4 * d * h * k + d * h
+  return 2 * d * h * k + 2 * h * e * d * k + 2 * d * h * e
+
+
+class SwitchHeadAttention(nnx.Module):
+  """SwitchHead with RoPE on `rope_fraction` of each head; the attention module contract."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std_scale: float = 1.0):
+    if cfg.switchhead is None:
+      raise ValueError("SwitchHeadAttention needs ModelConfig.switchhead (got None)")
+    if cfg.resolved_kv_heads != cfg.n_heads:
+      raise ValueError(f"SwitchHead has one key per query head; ModelConfig.n_kv_heads="
+                       f"{cfg.n_kv_heads} must be 0 or n_heads={cfg.n_heads}")
+    sh = cfg.switchhead
+    d, h, k, e = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, sh.num_experts
+    self.dims = (h, k, e, sh.top_k)
+    self.dtype = layers.dtype_of(cfg.dtype)
+    self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
+    self.impl = cfg.attention_impl
+    repeats = cfg.n_layers // cfg.n_shared_groups if cfg.n_shared_groups else 1
+    self.aux_scale = sh.entropy_weight / repeats
+    std, o_std, pdt = cfg.init_std, cfg.init_std * out_std_scale, cfg.param_dtype
+    self.w_q_DHK = layers.param(rngs, layers.normal(std), (d, h, k),
+                                (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdt)
+    self.w_k_DHK = layers.param(rngs, layers.normal(std), (d, h, k),
+                                (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdt)
+    if e == 1:
+      self.w_v_DHK = layers.param(rngs, layers.normal(std), (d, h, k),
+                                  (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pdt)
+      self.w_o_HKD = layers.param(rngs, layers.normal(o_std), (h, k, d),
+                                  (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pdt)
+      self.w_gate_DH = layers.param(rngs, layers.normal(std), (d, h), (ax.EMBED, ax.HEADS), pdt)
+    else:
+      # The per-head expert axis stays unsharded: E rarely divides a mesh axis (MoEUT: 8-13).
+      self.w_v_HEDK = layers.param(rngs, layers.normal(std), (h, e, d, k),
+                                   (ax.HEADS, None, ax.EMBED, ax.HEAD_DIM), pdt)
+      self.w_o_HEKD = layers.param(rngs, layers.normal(o_std), (h, e, k, d),
+                                   (ax.HEADS, None, ax.HEAD_DIM, ax.EMBED), pdt)
+      self.w_sel_v_DHE = layers.param(rngs, layers.normal(std), (d, h, e),
+                                      (ax.EMBED, ax.HEADS, None), pdt)
+      self.w_sel_o_DHE = layers.param(rngs, layers.normal(std), (d, h, e),
+                                      (ax.EMBED, ax.HEADS, None), pdt)
+
+  def init_cache(self, batch: int, length: int) -> attn_lib.KVCache:
+    h, k, _, _ = self.dims
+    return attn_lib.init_cache(batch, length, h, k, self.dtype)
+
+  def _selection_logits(self, qk_BLD: jax.Array, w_DHE: nnx.Param) -> jax.Array:
+    return jnp.einsum("BLD,DHE->BLHE", qk_BLD.astype(jnp.float32), w_DHE[...].astype(jnp.float32))
+
+  def _rows(self, b: int, l: int, idx_BLHk: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per selection m: token t, head h and group h * E + expert (all [T * H * k])."""
+    h, _, e, top_k = self.dims
+    shape = (b * l, h, top_k)
+    t_M = jnp.broadcast_to(jnp.arange(b * l, dtype=jnp.int32)[:, None, None], shape).reshape(-1)
+    h_M = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, :, None], shape).reshape(-1)
+    return t_M, h_M, h_M * e + idx_BLHk.reshape(-1)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
+               cache: attn_lib.KVCache | None = None, cache_index: jax.Array | None = None,
+               qk_input_BLD: jax.Array | None = None
+               ) -> tuple[jax.Array, attn_lib.KVCache | None, Aux]:
+    """(y [B, L, D], updated cache or None, {"aux_loss", "entropy_loss"})."""
+    h, k, e, top_k = self.dims
+    dt = self.dtype
+    b, l, d = x_BLD.shape
+    x_BLD = x_BLD.astype(dt)
+    qk_BLD = x_BLD if qk_input_BLD is None else qk_input_BLD.astype(dt)
+    token_mask_BL = jnp.any(mask_BLS, axis=-1)  # a real query sees at least itself
+    q_BLHK = jnp.einsum("BLD,DHK->BLHK", qk_BLD, self.w_q_DHK[...].astype(dt))
+    k_BLHK = jnp.einsum("BLD,DHK->BLHK", qk_BLD, self.w_k_DHK[...].astype(dt))
+    inv_freq = layers.rope_frequencies(*self.rope)
+    q_BLHK = layers.apply_rope(q_BLHK, positions_BL, inv_freq)
+    k_BLHK = layers.apply_rope(k_BLHK, positions_BL, inv_freq)
+    q_BLHK = sharding.constrain(q_BLHK, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    aux: Aux = {}
+    if e == 1:
+      v_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_v_DHK[...].astype(dt))
+    else:
+      logits_v_BLHE = self._selection_logits(qk_BLD, self.w_sel_v_DHE)
+      logits_o_BLHE = self._selection_logits(qk_BLD, self.w_sel_o_DHE)
+      idx_v, gate_v = sigma_select(logits_v_BLHE, top_k)
+      t_M, h_M, group_M = self._rows(b, l, idx_v)
+      v_TH_K = grouped_project(x_BLD.reshape(b * l, d), t_M, group_M, gate_v.reshape(-1),
+                               self.w_v_HEDK[...].astype(dt).reshape(h * e, d, k),
+                               t_M * h + h_M, b * l * h)
+      v_BLHK = v_TH_K.reshape(b, l, h, k).astype(dt)
+      ent = (entropy_regularizer(logits_v_BLHE, token_mask_BL) +
+             entropy_regularizer(logits_o_BLHE, token_mask_BL))
+      aux = {"aux_loss": self.aux_scale * ent, "entropy_loss": ent}
+    if cache is None:
+      keys_BSHK, values_BSHK, new_cache = k_BLHK, v_BLHK, None
+    else:
+      new_cache = attn_lib.update_cache(cache, k_BLHK, v_BLHK, cache_index)
+      keys_BSHK = new_cache["k_BSNK"].astype(dt)
+      values_BSHK = new_cache["v_BSNK"].astype(dt)
+    impl = self.impl if cache is None else "xla"
+    out_BLHK = attn_lib.dot_product_attention(q_BLHK, keys_BSHK, values_BSHK, mask_BLS, impl)
+    if e == 1:
+      gate_BLH = jax.nn.sigmoid(jnp.einsum("BLD,DH->BLH", qk_BLD.astype(jnp.float32),
+                                           self.w_gate_DH[...].astype(jnp.float32)))
+      out_BLHK = out_BLHK * gate_BLH[..., None].astype(dt)
+      y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.w_o_HKD[...].astype(dt))
+      return y_BLD, new_cache, aux
+    idx_o, gate_o = sigma_select(logits_o_BLHE, top_k)
+    t_M, h_M, group_M = self._rows(b, l, idx_o)
+    y_TD = grouped_project(out_BLHK.reshape(b * l * h, k), t_M * h + h_M, group_M,
+                           gate_o.reshape(-1), self.w_o_HEKD[...].astype(dt).reshape(h * e, k, d),
+                           t_M, b * l)
+    return y_TD.reshape(b, l, d).astype(dt), new_cache, aux
