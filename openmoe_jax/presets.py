@@ -108,3 +108,7 @@ def get(name: str) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
   return PRESETS[name]()
+
+
+# Registers the MoEUT / UMoE presets (kept in their own file) into PRESETS and PUBLISHED.
+from openmoe_jax import presets_moeut  # noqa: E402,F401 pylint: disable=wrong-import-position
