@@ -78,3 +78,22 @@ def test_umoe_trains_from_its_gin_file(tmp_path):
   losses = [r["train/loss"] for r in metrics.read_jsonl(str(tmp_path)) if "train/loss" in r]
   assert len(losses) == 6 and all(np.isfinite(losses))
   assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
+
+
+def _tiny(**kw):
+  return dataclasses.replace(presets.get("moeut-tiny"), vocab_size=64, **kw)
+
+
+def test_scan_equals_unrolled_and_program_size_does_not_grow_with_depth():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 9)))
+  scanned = transformer.Transformer(_tiny(), nnx.Rngs(0))
+  unrolled = transformer.Transformer(_tiny(scan_layers=False), nnx.Rngs(0))
+  forward = nnx.jit(lambda m, t: m(t)[0])
+  np.testing.assert_allclose(np.asarray(forward(scanned, tokens)),
+                             np.asarray(forward(unrolled, tokens)), atol=1e-5, rtol=1e-5)
+
+  def n_eqns(cfg):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(cfg, nnx.Rngs(0))))
+    jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens)
+    return len(jaxpr.jaxpr.eqns)
+  assert n_eqns(_tiny()) == n_eqns(_tiny(n_layers=12))  # 2 shared layers x 2 vs x 6
