@@ -60,8 +60,8 @@ def test_cached_decoding_equals_full_sequence(name):
   tokens = np.concatenate([prompt_tokens, new], axis=1)
   seg = np.concatenate([prompt_seg, np.ones_like(new)], axis=1)
   pos, prefix = _full_inputs(tokens, seg, p)
-  full, _, _ = model(jnp.asarray(tokens), positions_BL=jnp.asarray(pos),
-                     segment_ids_BL=jnp.asarray(seg), prefix_BL=jnp.asarray(prefix))
+  full = nnx.jit(lambda m, t, p_, s, pf: m(t, positions_BL=p_, segment_ids_BL=s, prefix_BL=pf)[0])(
+      model, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(prefix))
 
   step = nnx.jit(lambda m, t, s, pf, c: m(t, segment_ids_BL=s, prefix_BL=pf, cache=c))
   cache = generate.init_cache(model, b, tokens.shape[1])

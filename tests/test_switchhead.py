@@ -89,7 +89,8 @@ def test_forward_matches_float64_reference(experts):
                                                              top_k=min(2, experts)))
   m = switchhead.SwitchHeadAttention(cfg, nnx.Rngs(1), out_std_scale=0.5)
   x, qk, pos, mask = _inputs()
-  y, cache, aux = m(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(mask), qk_input_BLD=qk)
+  y, cache, aux = nnx.jit(lambda mod, *a: mod(*a, qk_input_BLD=qk))(
+      m, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(mask))
   assert cache is None and (("aux_loss" in aux) == (experts > 1))
   np.testing.assert_allclose(np.asarray(y), _reference(m, cfg, x, qk, pos, mask), atol=2e-5,
                              rtol=1e-4)
