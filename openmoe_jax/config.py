@@ -162,6 +162,8 @@ class ModelConfig:
   remat: str = "none"  # activation checkpointing policy per block, one of REMATS
   init_std: float = 0.02  # std of normal initialisers (scaled per layer by the model code)
   z_loss: float = 0.0  # output-logit z-loss coefficient (PaLM/OpenMoE style)
+  logits_dtype: str = "float32"  # dtype of the [B, L, V] logits the head writes: "bfloat16"
+  #   halves their bytes and their gradient's (large vocabularies); the loss still reduces in f32
   extra: tuple[tuple[str, object], ...] = ()  # family-specific options (SwitchHead, UMoE), key/value
   switchhead: SwitchHeadConfig | None = None  # needed by attention="switchhead"
   umoe: UmoeConfig | None = None  # needed by attention="umoe" (the block then has no `moe` FFN)
@@ -181,6 +183,7 @@ class ModelConfig:
     _choice("ModelConfig.activation", self.activation, ACTIVATIONS)
     _choice("ModelConfig.dtype", self.dtype, DTYPES)
     _choice("ModelConfig.param_dtype", self.param_dtype, DTYPES)
+    _choice("ModelConfig.logits_dtype", self.logits_dtype, ("float32", "bfloat16"))
     _choice("ModelConfig.attention", self.attention, ("dense", "switchhead", "umoe"))
     _choice("ModelConfig.share_order", self.share_order, ("abab", "aabb"))
     _choice("ModelConfig.norm_scheme", self.norm_scheme, ("pre", "peri"))

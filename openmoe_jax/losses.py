@@ -10,11 +10,15 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
   """Weighted sums (not means) so that micro-batches and hosts can be added before dividing.
 
   Returns {"loss_sum", "z_loss_sum", "correct_sum", "weight_sum"} as float32 scalars.
+  Logits may be bfloat16 (ModelConfig.logits_dtype): every reduction upcasts on the fly, so
+  no float32 copy of the [B, L, V] logits is written.
   """
-  logits_BLV = logits_BLV.astype(jnp.float32)
   weights_BL = weights_BL.astype(jnp.float32)
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  max_BL = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1).astype(jnp.float32))
+  shifted_BLV = logits_BLV.astype(jnp.float32) - max_BL[..., None]
+  log_z_BL = max_BL + jnp.log(jnp.sum(jnp.exp(shifted_BLV), axis=-1))
+  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None],
+                                        axis=-1)[..., 0].astype(jnp.float32)
   nll_BL = log_z_BL - target_logit_BL
   correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
   return {

@@ -7,7 +7,9 @@ gradient agreement):
   "ragged": kept (token, expert) assignments sorted by expert, `jax.lax.ragged_dot`, then the
             outputs un-permuted to [T, K, D] by a gather and summed with the gates (dropless or
             with capacity; expert choice combines by scatter-add);
-  "gmm":    the same with `openmoe_jax.kernels.gmm.gmm` (fused row gather, custom_vjp).
+  "gmm":    the same with `openmoe_jax.kernels.gmm.gmm` (fused row gather, custom_vjp); for
+            token choice the gates are folded into the hidden rows and the output matmul is
+            fused with the K-sum (`grouped.gmm_sum`).
 With a capacity, the ragged / gmm backends process exactly the assignments the einsum backend
 keeps, so dropped tokens get 0 from the experts on every backend; the block's residual passes
 them through unchanged.
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from openmoe_jax import axes as ax
+from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import router as router_lib
 from openmoe_jax import sharding
@@ -42,65 +45,6 @@ def groups(num_tokens: int, seq_len: int, moe: MoeConfig) -> tuple[int, int]:
     raise ValueError(f"MoeConfig.group_size={moe.group_size} does not divide the {num_tokens} "
                      "tokens of the batch")
   return num_tokens // s, s
-
-
-def _gmm_module():
-  try:
-    from openmoe_jax.kernels import gmm as gmm_lib  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ValueError("MoeConfig.dispatch='gmm' needs openmoe_jax.kernels.gmm, which is not "
-                     "importable; use dispatch='ragged'") from e
-  if not hasattr(gmm_lib, "gmm"):
-    raise ValueError("openmoe_jax.kernels.gmm has no gmm(); use dispatch='ragged'")
-  return gmm_lib
-
-
-def _stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
-  """Stable argsort of int keys in [0, num_keys): one keys-only sort of key * M + index when
-  that fits int32 (a radix sort on GPU, no (key, index) pair sort), else jnp.argsort."""
-  m = key_M.shape[0]
-  if num_keys * m < 2 ** 31:
-    packed_M = jnp.sort(key_M.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32))
-    return (packed_M % m).astype(jnp.int32)
-  return jnp.argsort(key_M, stable=True).astype(jnp.int32)
-
-
-@jax.custom_vjp
-def _permute_rows(x_ND: jax.Array, idx_N: jax.Array, inv_N: jax.Array) -> jax.Array:
-  """x_ND[idx_N] for a permutation idx_N with inverse inv_N; the VJP is a gather by inv_N
-  (not a scatter-add)."""
-  return x_ND[idx_N]
-
-
-def _permute_rows_fwd(x_ND, idx_N, inv_N):
-  return x_ND[idx_N], inv_N
-
-
-def _permute_rows_bwd(inv_N, dy_ND):
-  return dy_ND[inv_N], None, None
-
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
-
-
-@jax.custom_vjp
-def _gather_rows_sum_back(x_TD: jax.Array, tok_M: jax.Array, row_TK: jax.Array) -> jax.Array:
-  """x_TD[tok_M] where every token appears exactly K times (rows row_TK[t] of the result).
-  The VJP gathers those K rows per token and sums them (no scatter-add)."""
-  return x_TD[tok_M]
-
-
-def _gather_rows_sum_back_fwd(x_TD, tok_M, row_TK):
-  return x_TD[tok_M], (row_TK, jnp.zeros((0,), x_TD.dtype))
-
-
-def _gather_rows_sum_back_bwd(res, dy_MD):
-  row_TK, proto = res
-  dx_TD = jnp.sum(dy_MD[row_TK].astype(jnp.float32), axis=1).astype(proto.dtype)
-  return dx_TD, None, None
-
-
-_gather_rows_sum_back.defvjp(_gather_rows_sum_back_fwd, _gather_rows_sum_back_bwd)
 
 
 class MoeFFN(nnx.Module):
@@ -220,7 +164,7 @@ class MoeFFN(nnx.Module):
     weight_M = routing.combine_weight_GA().reshape(-1)  # float32, 0 where dropped
     key_M = jnp.where(kept_M, routing.expert_GA.reshape(-1), e).astype(jnp.int32)
     sizes_E = jnp.bincount(key_M, length=e).astype(jnp.int32)  # sentinel e is not counted
-    order_M = _stable_order(key_M, e + 1)
+    order_M = grouped.stable_order(key_M, e + 1)
     tok_sorted_M = token_M[order_M]
     kept_sorted_M = kept_M[order_M]
     weight_sorted_M = weight_M[order_M]
@@ -240,22 +184,32 @@ class MoeFFN(nnx.Module):
     w_in = w_gate if w_up is None else jnp.concatenate([w_gate, w_up], axis=2)
     if backend == "ragged":
       if token_choice:
-        x_MD = _gather_rows_sum_back(x_TD, tok_sorted_M, row_TK.reshape(g * s, k))
+        x_MD = grouped.gather_rows(x_TD, tok_sorted_M, row_TK.reshape(g * s, k))
       else:
         x_MD = x_TD[tok_sorted_M]
       in_MF = jax.lax.ragged_dot(x_MD, w_in, sizes_E)
       mm_out = lambda h_MF: jax.lax.ragged_dot(h_MF, w_out, sizes_E)
     else:
-      gmm_lib = _gmm_module()
+      gmm_lib = grouped.kernels_gmm()
+      # Token choice: token t is used at sorted rows row_TK[t], so the x gradient is a
+      # gather-and-sum of those K rows (no float32 scatter-add).
       in_MF = gmm_lib.gmm(x_TD, w_in, sizes_E, backend=self.moe.gmm_backend,
-                          row_index=tok_sorted_M)
+                          row_index=tok_sorted_M,
+                          row_positions=row_TK.reshape(g * s, k) if token_choice else None)
       mm_out = lambda h_MF: gmm_lib.gmm(h_MF, w_out, sizes_E, backend=self.moe.gmm_backend)
     gate_MF, up_MF = (in_MF, None) if w_up is None else (in_MF[:, :f], in_MF[:, f:])
     h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
+    if token_choice and backend == "gmm":
+      # Gates folded into the narrow hidden rows (0 for dropped ones), then the output matmul
+      # fused with the K-sum: no [M, D] tensor is kept for, or formed in, the backward.
+      h_MF = (h_MF.astype(jnp.float32) * weight_sorted_M[:, None]).astype(h_MF.dtype)
+      y_TD = grouped.gmm_sum(h_MF, w_out, sizes_E, row_TK.reshape(g * s, k), tok_sorted_M,
+                             self.moe.gmm_backend)
+      return y_TD.reshape(g, s, d)
     out_MD = mm_out(h_MF)  # compute dtype, sorted by expert
 
     if token_choice:
-      out_TKD = _permute_rows(out_MD, row_TK, tk_sorted_M).reshape(g * s, k, d)
+      out_TKD = grouped.permute_rows(out_MD, row_TK, tk_sorted_M).reshape(g * s, k, d)
       w_TK = weight_sorted_M[row_TK].reshape(g * s, k)
       kept_TK = kept_sorted_M[row_TK].reshape(g * s, k)
       # Rows of dropped assignments lie outside every group: exact zeros (no NaN * 0). The

@@ -35,7 +35,7 @@ def moeut(d_model: int, n_layers: int, n_heads: int, ff_n_experts: int, att_n_ex
       dtype=dtype, attention="switchhead",
       switchhead=SwitchHeadConfig(num_experts=att_n_experts, top_k=2, entropy_weight=0.001),
       moe=MoeConfig(num_experts=ff_n_experts, top_k=ff_k, d_expert=ff_expert_size,
-                    router="sigma", dropless=True, dispatch="ragged", activation="relu",
+                    router="sigma", dropless=True, dispatch="gmm", activation="relu",
                     load_balance_weight=0.0, z_loss_weight=0.0, entropy_weight=0.01),
       n_shared_groups=group_size, share_order="abab", norm_scheme="peri", init_scheme="moeut")
 

@@ -8,8 +8,9 @@ projections by the *destination* token:
 Selections read the normalised stream (peri-LN `qk_input_BLD`), V reads the raw one, as MoEUT.
 With num_experts == 1 it is dense attention whose heads are scaled by a learned sigmoid gate
 sigmoid(x @ w_sel_o) before the output projection (MoEUT's att_n_experts=1 path).
-Expert projections run as grouped matmuls (`jax.lax.ragged_dot`) over the (head, expert) groups
-of the k * H selections per token, like MoEUT's CVMM kernel; the KV cache stores post-expert V.
+Expert projections run as grouped matmuls (`openmoe_jax.grouped`, the gmm kernel with a fused
+row gather) over the (head, expert) groups of the k * H selections per token, like MoEUT's CVMM
+kernel; the KV cache stores post-expert V.
 """
 from __future__ import annotations
 
@@ -19,27 +20,12 @@ from flax import nnx
 
 from openmoe_jax import attention as attn_lib
 from openmoe_jax import axes as ax
+from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import sharding
 from openmoe_jax.config import ModelConfig
 
 Aux = dict[str, jax.Array]
-
-
-def grouped_project(src_RI: jax.Array, src_index_M: jax.Array, group_M: jax.Array,
-                    weight_M: jax.Array, w_GIO: jax.Array, out_index_M: jax.Array,
-                    n_out: int) -> jax.Array:
-  """out[n] = sum over rows m with out_index[m] == n of weight[m] * src[src_index[m]] @ w[group[m]].
-
-  Rows are sorted by group and multiplied with one ragged matmul; returns float32 [n_out, O].
-  """
-  g = w_GIO.shape[0]
-  order_M = jnp.argsort(group_M, stable=True)
-  lhs_MI = src_RI[src_index_M[order_M]].astype(w_GIO.dtype)
-  sizes_G = jnp.bincount(group_M, length=g).astype(jnp.int32)
-  out_MO = jax.lax.ragged_dot(lhs_MI, w_GIO, sizes_G, preferred_element_type=jnp.float32)
-  out_MO = out_MO * weight_M[order_M].astype(jnp.float32)[:, None]
-  return jnp.zeros((n_out, w_GIO.shape[-1]), jnp.float32).at[out_index_M[order_M]].add(out_MO)
 
 
 def sigma_select(logits_BLHE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -91,6 +77,7 @@ class SwitchHeadAttention(nnx.Module):
     self.dtype = layers.dtype_of(cfg.dtype)
     self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
     self.impl = cfg.attention_impl
+    self.gmm_backend = cfg.moe.gmm_backend if cfg.moe is not None else "auto"
     repeats = cfg.n_layers // cfg.n_shared_groups if cfg.n_shared_groups else 1
     self.aux_scale = sh.entropy_weight / repeats
     std, o_std, pdt = cfg.init_std, cfg.init_std * out_std_scale, cfg.param_dtype
@@ -122,13 +109,10 @@ class SwitchHeadAttention(nnx.Module):
   def _selection_logits(self, qk_BLD: jax.Array, w_DHE: nnx.Param) -> jax.Array:
     return jnp.einsum("BLD,DHE->BLHE", qk_BLD.astype(jnp.float32), w_DHE[...].astype(jnp.float32))
 
-  def _rows(self, b: int, l: int, idx_BLHk: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per selection m: token t, head h and group h * E + expert (all [T * H * k])."""
-    h, _, e, top_k = self.dims
-    shape = (b * l, h, top_k)
-    t_M = jnp.broadcast_to(jnp.arange(b * l, dtype=jnp.int32)[:, None, None], shape).reshape(-1)
-    h_M = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, :, None], shape).reshape(-1)
-    return t_M, h_M, h_M * e + idx_BLHk.reshape(-1)
+  def _groups(self, idx_BLHk: jax.Array) -> jax.Array:
+    """Group h * E + expert of every selection, in natural (token, head, choice) order."""
+    h, _, e, _ = self.dims
+    return (jnp.arange(h, dtype=jnp.int32)[:, None] * e + idx_BLHk).reshape(-1)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
                cache: attn_lib.KVCache | None = None, cache_index: jax.Array | None = None,
@@ -154,10 +138,11 @@ class SwitchHeadAttention(nnx.Module):
       logits_v_BLHE = self._selection_logits(qk_BLD, self.w_sel_v_DHE)
       logits_o_BLHE = self._selection_logits(qk_BLD, self.w_sel_o_DHE)
       idx_v, gate_v = sigma_select(logits_v_BLHE, top_k)
-      t_M, h_M, group_M = self._rows(b, l, idx_v)
-      v_TH_K = grouped_project(x_BLD.reshape(b * l, d), t_M, group_M, gate_v.reshape(-1),
-                               self.w_v_HEDK[...].astype(dt).reshape(h * e, d, k),
-                               t_M * h + h_M, b * l * h)
+      # Natural rows (token, head, choice): source row = token, output row = (token, head).
+      v_TH_K = grouped.grouped_project(
+          x_BLD.reshape(b * l, d), self._groups(idx_v), gate_v.reshape(-1),
+          self.w_v_HEDK[...].astype(dt).reshape(h * e, d, k), per_src=h * top_k,
+          per_out=top_k, backend=self.gmm_backend)
       v_BLHK = v_TH_K.reshape(b, l, h, k).astype(dt)
       ent = (entropy_regularizer(logits_v_BLHE, token_mask_BL) +
              entropy_regularizer(logits_o_BLHE, token_mask_BL))
@@ -177,8 +162,9 @@ class SwitchHeadAttention(nnx.Module):
       y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.w_o_HKD[...].astype(dt))
       return y_BLD, new_cache, aux
     idx_o, gate_o = sigma_select(logits_o_BLHE, top_k)
-    t_M, h_M, group_M = self._rows(b, l, idx_o)
-    y_TD = grouped_project(out_BLHK.reshape(b * l * h, k), t_M * h + h_M, group_M,
-                           gate_o.reshape(-1), self.w_o_HEKD[...].astype(dt).reshape(h * e, k, d),
-                           t_M, b * l)
+    # Natural rows (token, head, choice): source row = (token, head), output row = token.
+    y_TD = grouped.grouped_project(
+        out_BLHK.reshape(b * l * h, k), self._groups(idx_o), gate_o.reshape(-1),
+        self.w_o_HEKD[...].astype(dt).reshape(h * e, k, d), per_src=top_k,
+        per_out=h * top_k, backend=self.gmm_backend)
     return y_TD.reshape(b, l, d).astype(dt), new_cache, aux

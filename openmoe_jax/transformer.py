@@ -237,7 +237,7 @@ class Transformer(nnx.Module):
                segment_ids_BL: jax.Array | None = None, prefix_BL: jax.Array | None = None,
                cache: dict[str, Any] | None = None, rng: jax.Array | None = None,
                deterministic: bool = True) -> tuple[jax.Array, Aux, dict[str, Any] | None]:
-    """Returns (float32 logits [B, L, V], aux, updated cache or None).
+    """Returns (logits [B, L, V] in cfg.logits_dtype, aux, updated cache or None).
 
     Without `segment_ids_BL` every token is real; without `prefix_BL` attention is causal.
     With `cache` (from `generate.init_cache`), the chunk is written at `cache["index"]`.
@@ -278,7 +278,7 @@ class Transformer(nnx.Module):
       logits_BLV = self.embed.attend(x_BLD)
     else:
       logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.head_DV[...].astype(x_BLD.dtype))
-    logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32),
+    logits_BLV = sharding.constrain(logits_BLV.astype(cfg.logits_dtype),
                                     (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
     return logits_BLV, aux, new_cache
 

@@ -25,10 +25,10 @@ from flax import nnx
 
 from openmoe_jax import attention as attn_lib
 from openmoe_jax import axes as ax
+from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import sharding
 from openmoe_jax.config import ModelConfig, UmoeConfig
-from openmoe_jax.switchhead import grouped_project
 
 Aux = dict[str, Any]
 _ACT = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
@@ -89,18 +89,18 @@ class Experts(nnx.Module):
     self.shared_attn = nnx.List(shared()) if s else None
     self.shared_ffn = nnx.List(shared()) if s and u.separate_ffn_shared else None
 
-  def routed(self, src_RD: jax.Array, src_index_M: jax.Array, expert_M: jax.Array,
-             gate_M: jax.Array, out_index_M: jax.Array, n_out: int) -> jax.Array:
-    """out[n] = sum_{m: out_index[m] = n} gate[m] * FFN_{expert[m]}(src[src_index[m]]), float32."""
-    e = self.w_in_EDF.shape[0]
-    order_M = jnp.argsort(expert_M, stable=True)
-    sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
-    x_MD = src_RD[src_index_M[order_M]].astype(self.dtype)
-    h_MF = jax.lax.ragged_dot(x_MD, self.w_in_EDF[...].astype(self.dtype), sizes_E)
-    y_MD = jax.lax.ragged_dot(self.act(h_MF), self.w_out_EFD[...].astype(self.dtype), sizes_E,
-                              preferred_element_type=jnp.float32)
-    y_MD = y_MD * gate_M[order_M].astype(jnp.float32)[:, None]
-    return jnp.zeros((n_out, y_MD.shape[-1]), jnp.float32).at[out_index_M[order_M]].add(y_MD)
+  def routed(self, src_RD: jax.Array, expert_M: jax.Array, gate_M: jax.Array, *,
+             per_src: int, per_out: int) -> jax.Array:
+    """float32 [M / per_out, D]: out[n] = sum_{m: m // per_out == n} gate[m] *
+    FFN_{expert[m]}(src[m // per_src]), as two grouped matmuls over the rows sorted once."""
+    m = expert_M.shape[0]
+    sg = grouped.sort_groups(expert_M, self.w_in_EDF.shape[0])
+    h_MF = grouped.gather_gmm(src_RD, self.w_in_EDF[...].astype(self.dtype), sg, per_src)
+    # Gates folded into the hidden rows; the output matmul is fused with the combine.
+    h_MF = (self.act(h_MF).astype(jnp.float32) *
+            gate_M[sg.order_M].astype(jnp.float32)[:, None]).astype(self.dtype)
+    return grouped.gmm_sum(h_MF, self.w_out_EFD[...].astype(self.dtype), sg.sizes_G,
+                           sg.inv_M.reshape(m // per_out, per_out), sg.order_M // per_out)
 
   def shared(self, x_BLD: jax.Array, for_ffn: bool) -> jax.Array | None:
     pair = self.shared_attn if not for_ffn or self.shared_ffn is None else self.shared_ffn
@@ -114,9 +114,8 @@ class Experts(nnx.Module):
     """FFN-style use: every token's own vector through its top-k experts; [B, L, D] float32."""
     b, l, d = x_BLD.shape
     k = idx_BLk.shape[-1]
-    t_M = jnp.repeat(jnp.arange(b * l, dtype=jnp.int32), k)
-    y_TD = self.routed(x_BLD.reshape(b * l, d), t_M, idx_BLk.reshape(-1), gate_BLk.reshape(-1),
-                       t_M, b * l)
+    y_TD = self.routed(x_BLD.reshape(b * l, d), idx_BLk.reshape(-1), gate_BLk.reshape(-1),
+                       per_src=k, per_out=k)
     return y_TD.reshape(b, l, d)
 
 
@@ -153,16 +152,15 @@ class UmoeAttention(nnx.Module):
     dt, (b, l, d), k = self.dtype, h_BLD.shape, idx_BLk.shape[-1]
     if self.w_q_DQ is not None:
       return jnp.einsum("BLD,DQ->BLQ", h_BLD, self.w_q_DQ[...].astype(dt))[:, :, None]
-    rows_M = jnp.arange(b * l * k, dtype=jnp.int32)
+    ones_M = jnp.ones((b * l * k,), jnp.float32)
     if self.w_qa_EDR is not None:  # low rank: the E small A_e for all experts, then gathered B_e
       a_BLER = jnp.einsum("BLD,EDR->BLER", h_BLD, self.w_qa_EDR[...].astype(dt))
       a_MR = jnp.take_along_axis(a_BLER, idx_BLk[..., None], axis=2).reshape(b * l * k, -1)
-      q_MQ = grouped_project(a_MR, rows_M, idx_BLk.reshape(-1), jnp.ones_like(rows_M, dt),
-                             self.w_qb_ERQ[...].astype(dt), rows_M, b * l * k)
+      q_MQ = grouped.grouped_project(a_MR, idx_BLk.reshape(-1), ones_M,
+                                     self.w_qb_ERQ[...].astype(dt), per_src=1, per_out=1)
     else:
-      q_MQ = grouped_project(h_BLD.reshape(b * l, d), rows_M // k, idx_BLk.reshape(-1),
-                             jnp.ones_like(rows_M, dt), self.w_q_EDQ[...].astype(dt), rows_M,
-                             b * l * k)
+      q_MQ = grouped.grouped_project(h_BLD.reshape(b * l, d), idx_BLk.reshape(-1), ones_M,
+                                     self.w_q_EDQ[...].astype(dt), per_src=k, per_out=1)
     q_BLkQ = q_MQ.reshape(b, l, k, -1).astype(dt)
     if self.w_qres_DQ is not None:
       q_BLkQ = q_BLkQ + jnp.einsum("BLD,DQ->BLQ", h_BLD, self.w_qres_DQ[...].astype(dt))[:, :, None]
@@ -205,10 +203,9 @@ class UmoeAttention(nnx.Module):
       shared_in_BLD = mix_BLHD[:, :, 0]
     else:
       k = u.attn_top_k
-      rows_M = jnp.arange(b * l * k, dtype=jnp.int32)
       routed_MD = mix_BLHD[:, :, n_shared:].reshape(b * l * k, d)
-      y_BLD = experts.routed(routed_MD, rows_M, idx_BLk.reshape(-1), gate_BLk.reshape(-1),
-                             rows_M // k, b * l).reshape(b, l, d)
+      y_BLD = experts.routed(routed_MD, idx_BLk.reshape(-1), gate_BLk.reshape(-1), per_src=1,
+                             per_out=k).reshape(b, l, d)
       shared_in_BLD = mix_BLHD[:, :, 0] if n_shared else None
     if shared_in_BLD is not None:
       shared_BLD = experts.shared(shared_in_BLD, for_ffn=False)

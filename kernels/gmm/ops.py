@@ -77,27 +77,33 @@ def _tgmm_impl(st: _Static, lhs_XK, rhs_MN, group_sizes, row_index, out_dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gmm(st: _Static, lhs, rhs, group_sizes, row_index):
+def _gmm(st: _Static, lhs, rhs, group_sizes, row_index, row_positions):
+  del row_positions  # only the backward uses it
   return _fwd_impl(st, lhs, rhs, group_sizes, row_index)
 
 
-def _gmm_fwd(st, lhs, rhs, group_sizes, row_index):
-  return _fwd_impl(st, lhs, rhs, group_sizes, row_index), (lhs, rhs, group_sizes, row_index)
+def _gmm_fwd(st, lhs, rhs, group_sizes, row_index, row_positions):
+  out = _fwd_impl(st, lhs, rhs, group_sizes, row_index)
+  return out, (lhs, rhs, group_sizes, row_index, row_positions)
 
 
 def _gmm_bwd(st, res, dout_MN):
-  lhs, rhs, group_sizes, row_index = res
+  lhs, rhs, group_sizes, row_index, row_positions = res
   dout_MN = dout_MN.astype(lhs.dtype)
   # dlhs_rows = dout @ rhs[g].T: the same kernel reading rhs transposed (no copy of rhs).
   dst = dataclasses.replace(st, out_dtype=lhs.dtype)
   drows_MK = _fwd_impl(dst, dout_MN, rhs, group_sizes, None, transpose_rhs=True)
   if row_index is None:
     dlhs = drows_MK
+  elif row_positions is not None:
+    # Each lhs row r was used at rows row_positions[r, :]: gather them and sum (one fused
+    # read of drows, no float32 [M, K] buffer, no atomics).
+    dlhs = jnp.sum(drows_MK[row_positions].astype(jnp.float32), axis=1).astype(lhs.dtype)
   else:  # rows past the end are zero, so the scatter-add is exact.
     dlhs = jnp.zeros(lhs.shape, jnp.float32).at[row_index].add(
         drows_MK.astype(jnp.float32)).astype(lhs.dtype)
   drhs = _tgmm_impl(st, lhs, dout_MN, group_sizes, row_index, rhs.dtype)
-  return dlhs, drhs, None, None
+  return dlhs, drhs, None, None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -120,18 +126,32 @@ def _check(lhs, rhs, group_sizes, row_index):
 
 def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
         backend: str = "auto", preferred_element_type=None, row_index: jax.Array | None = None,
-        tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+        row_positions: jax.Array | None = None, tiling: Tiling | None = None,
+        interpret: bool = False) -> jax.Array:
   """Grouped matmul: out[m] = lhs[m] @ rhs[group(m)], rows sorted by group.
 
   With `row_index` (int[M']) the lhs rows are lhs_MK[row_index] (fused gather; lhs_MK may
   then have any number of rows). Rows past sum(group_sizes) are zero. Differentiable in lhs
   and rhs. `tiling=None` uses the tuning cache or a default.
+
+  `row_positions` (int[R, P], optional, with `row_index`): when every lhs row r is used exactly
+  P times, at rows row_positions[r, :] (row_index[row_positions[r, p]] == r), the lhs
+  gradient is a gather-and-sum over those rows instead of a float32 scatter-add.
   """
   _check(lhs_MK, rhs_GKN, group_sizes_G, row_index)
+  if row_positions is not None:
+    if row_index is None:
+      raise ValueError("row_positions needs row_index (it inverts the fused gather)")
+    if (row_positions.ndim != 2 or row_positions.shape[0] != lhs_MK.shape[0]
+        or row_positions.size != row_index.shape[0]):
+      raise ValueError(f"row_positions must be int[{lhs_MK.shape[0]}, P] with "
+                       f"{lhs_MK.shape[0]} * P == {row_index.shape[0]} rows; got "
+                       f"{row_positions.shape}")
+    row_positions = row_positions.astype(jnp.int32)
   out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
   st = _Static(resolve_backend(backend), out_dtype, tiling, interpret)
   return _gmm(st, lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
-              None if row_index is None else row_index.astype(jnp.int32))
+              None if row_index is None else row_index.astype(jnp.int32), row_positions)
 
 
 def tgmm(lhs_KM: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
@@ -148,3 +168,30 @@ def tgmm(lhs_KM: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
   # The kernels read lhs row-major [M, K]; under jit the transpose of a transpose is free.
   return _tgmm_impl(st, lhs_KM.T, rhs_MN.astype(lhs_KM.dtype), group_sizes_G.astype(jnp.int32),
                     None, out_dtype)
+
+
+def gmm_nodiff(lhs_XK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
+               row_index: jax.Array | None = None, transpose_rhs: bool = False,
+               backend: str = "auto", preferred_element_type=None) -> jax.Array:
+  """The raw kernel call behind `gmm`, for building other custom VJPs: out[m] =
+  lhs_rows[m] @ rhs[group(m)] (@ rhs[group(m)].T with `transpose_rhs`, reading rhs as
+  [G, N, K] with no transposed copy). Not differentiable."""
+  if lhs_XK.dtype != rhs_GKN.dtype:
+    raise ValueError(f"lhs dtype {lhs_XK.dtype} != rhs dtype {rhs_GKN.dtype}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
+  st = _Static(resolve_backend(backend), out_dtype, None, False)
+  ri = None if row_index is None else row_index.astype(jnp.int32)
+  return _fwd_impl(st, lhs_XK, rhs_GKN, group_sizes_G.astype(jnp.int32), ri, transpose_rhs)
+
+
+def tgmm_rows(lhs_XK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
+              row_index: jax.Array | None = None, backend: str = "auto",
+              preferred_element_type=None) -> jax.Array:
+  """Weight-gradient form with the kernel's fused row gather: out[g] =
+  lhs_rows(g).T @ rhs_rows(g) -> [G, K, N], lhs rows taken as lhs_XK[row_index]. Not
+  differentiable."""
+  out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
+  st = _Static(resolve_backend(backend), out_dtype, None, False)
+  ri = None if row_index is None else row_index.astype(jnp.int32)
+  return _tgmm_impl(st, lhs_XK, rhs_MN.astype(lhs_XK.dtype), group_sizes_G.astype(jnp.int32),
+                    ri, out_dtype)

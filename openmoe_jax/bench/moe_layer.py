@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import moe
 from openmoe_jax import router as router_lib
@@ -57,7 +58,7 @@ def _legacy_sorted(self, x_GSD, routing, backend):
     def mm(lhs_MK, rhs_EKN, gather=False):
       return jax.lax.ragged_dot(x_MD if gather else lhs_MK, rhs_EKN, sizes_E)
   else:
-    gmm_lib = moe._gmm_module()  # pylint: disable=protected-access
+    gmm_lib = grouped.kernels_gmm()
 
     def mm(lhs_MK, rhs_EKN, gather=False):
       return gmm_lib.gmm(lhs_MK, rhs_EKN, sizes_E, backend=self.moe.gmm_backend,

@@ -19,7 +19,7 @@ for cfg in "$@"; do
   echo "=== $preset $batch x $seq $*" | tee -a "$out/log.txt"
   timeout "${BENCH_TIMEOUT:-170}" "$py" -m openmoe_jax.bench.train_step --preset "$preset" \
       --batch "$batch" --seq "$seq" --json "$out/results.jsonl" "$@" 2>&1 \
-      | grep -v -i "warning" | tail -n 25 | tee -a "$out/log.txt"
+      | grep -v -i "warning" | tail -n 60 | tee -a "$out/log.txt"
 done
 "$py" - "$out/results.jsonl" <<'PY'
 import json, sys

@@ -131,7 +131,8 @@ def resolve_preset(name: str) -> ModelConfig:
 def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = None,
                     remat: str | None = None, dispatch: str | None = None,
                     gmm_backend: str | None = None, dtype: str | None = None,
-                    scan_layers: bool | None = None) -> ModelConfig:
+                    scan_layers: bool | None = None,
+                    logits_dtype: str | None = None) -> ModelConfig:
   """The preset with benchmark overrides; None leaves a field as the preset has it."""
   changes: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, seq)}
   if attention_impl is not None:
@@ -139,7 +140,8 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
       raise ValueError("--attention_impl needs ModelConfig.attention_impl, which this "
                        "checkout does not have")
     changes["attention_impl"] = attention_impl
-  for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers)):
+  for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers),
+                      ("logits_dtype", logits_dtype)):
     if value is not None:
       changes[name] = value
   if (dispatch is not None or gmm_backend is not None) and cfg.moe is not None:
@@ -312,6 +314,17 @@ def xla_memory_estimate(compiled: Any) -> int | None:
 
 # ----------------------------------------------------------------------------- the run
 
+def _print_profile(profile_dir: str) -> None:
+  """The top kernels of the 3 profiled steps (best effort: a trace format change only warns)."""
+  from openmoe_jax.bench import profile_summary  # pylint: disable=import-outside-toplevel
+  try:
+    rows, total = profile_summary.summarize(profile_summary.find_trace(profile_dir), steps=3)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"profile summary unavailable: {e}", flush=True)
+    return
+  print(profile_summary.format_table(rows, total, top=25), flush=True)
+
+
 @dataclasses.dataclass
 class Result:
   """One benchmark configuration's numbers (seconds, bytes, FLOPs)."""
@@ -345,11 +358,12 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
         dtype: str | None = None, steps: int = MIN_STEPS, warmup: int = 3, mask: str = "causal",
         peak_size: int | None = None, peak_dtype: str = "bfloat16",
         optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
-        cfg: ModelConfig | None = None) -> Result:
+        logits_dtype: str | None = None, cfg: ModelConfig | None = None) -> Result:
   """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
   base = cfg if cfg is not None else resolve_preset(preset)
   cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
-                        dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype)
+                        dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype,
+                        logits_dtype=logits_dtype)
   if cfg.vocab_size <= 0:
     cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
   devices = jax.devices()
@@ -380,11 +394,12 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
   last_loss = float(metrics["loss"])
   peak_mem = device_peak_bytes()
   if profile_dir:
-    jax.profiler.start_trace(profile_dir)
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
     for i in range(3):
       state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
+    _print_profile(profile_dir)
   steps_done = int(state["step"])
   del state, metrics
   platform = jax.devices()[0].platform
@@ -455,6 +470,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dispatch", default=None, help="override MoeConfig.dispatch")
   p.add_argument("--gmm_backend", default=None, help="override MoeConfig.gmm_backend")
   p.add_argument("--dtype", default=None, help="override ModelConfig.dtype (activations)")
+  p.add_argument("--logits_dtype", default=None, help="override ModelConfig.logits_dtype")
   p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
   p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
   p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
@@ -475,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
           dispatch=a.dispatch, gmm_backend=a.gmm_backend, dtype=a.dtype, steps=a.steps,
           warmup=a.warmup, mask=a.mask, peak_size=a.peak_size, peak_dtype=a.peak_dtype,
           optimizer=a.optimizer, profile_dir=a.profile_dir,
-          num_devices=a.num_devices)
+          num_devices=a.num_devices, logits_dtype=a.logits_dtype)
   print(report(r), flush=True)
   if a.json:
     with open(a.json, "a", encoding="utf-8") as f:
