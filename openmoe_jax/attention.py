@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from openmoe_jax import axes as ax
@@ -42,8 +43,14 @@ def dot_product_attention(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Arra
 
   `impl` (ModelConfig.attention_impl): "xla" einsums below; "cudnn" the fused cuDNN kernel
   (GPU only; the boolean mask becomes a constant bias); "pallas" the flash kernel of
-  `openmoe_jax.flash_attention`. All give zeros on query rows that see no key.
+  `openmoe_jax.flash_attention`. All give zeros on query rows that see no key. The output is
+  named "attention_out" for the "dots" remat policy (kept, not recomputed).
   """
+  return checkpoint_name(_attention(q_BLHK, k_BSNK, v_BSNK, mask_BLS, impl), "attention_out")
+
+
+def _attention(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array, mask_BLS: jax.Array,
+               impl: str) -> jax.Array:
   if impl == "cudnn":
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, mask=mask_BLS[:, None],
                                             implementation="cudnn")

@@ -55,6 +55,8 @@ class MoeConfig:
   gmm_backend: str = "auto"  # kernel backend for dispatch="gmm" (see openmoe_jax.kernels.gmm)
   activation: str = "swiglu"  # expert FFN activation, one of ACTIVATIONS
   expert_dropout: float = 0.0  # MoEUT expert dropout on the router selection (training only)
+  router_dtype: str = "float32"  # operands of the router matmul (logits accumulate in float32):
+  #   "float32" as ST-MoE prescribes; "bfloat16" as MoEUT's autocast runs its sigma-MoE router
 
   def __post_init__(self):
     _positive("MoeConfig.num_experts", self.num_experts)
@@ -64,6 +66,7 @@ class MoeConfig:
     _choice("MoeConfig.router", self.router, ROUTERS)
     _choice("MoeConfig.dispatch", self.dispatch, DISPATCHES)
     _choice("MoeConfig.activation", self.activation, ACTIVATIONS)
+    _choice("MoeConfig.router_dtype", self.router_dtype, ("float32", "bfloat16"))
     _positive("MoeConfig.layer_period", self.layer_period)
     _check(0 <= self.layer_offset < self.layer_period,
            f"MoeConfig.layer_offset={self.layer_offset}; expected 0..{self.layer_period - 1}")
@@ -89,12 +92,15 @@ class SwitchHeadConfig:
   num_experts: int = 8  # att_n_experts per head; 1 = dense V/O with a learned sigmoid output gate
   top_k: int = 2  # att_k: V / O experts active per head and token
   entropy_weight: float = 0.001  # MoEUT att_entropy_reg (delta) on the V and O selections
+  selection_dtype: str = "float32"  # operands of the V/O selection matmuls (float32 logits);
+  #   "bfloat16" as MoEUT's autocast runs them
 
   def __post_init__(self):
     _positive("SwitchHeadConfig.num_experts", self.num_experts)
     _check(1 <= self.top_k <= self.num_experts,
            f"SwitchHeadConfig.top_k={self.top_k}; expected 1..num_experts={self.num_experts}")
     _positive("SwitchHeadConfig.entropy_weight", self.entropy_weight, allow_zero=True)
+    _choice("SwitchHeadConfig.selection_dtype", self.selection_dtype, ("float32", "bfloat16"))
 
 
 UMOE_ACTIVATIONS = ("silu", "relu", "gelu")  # UMoE experts are plain (not gated) D -> F -> D MLPs

@@ -35,14 +35,31 @@ def kernels_gmm() -> Any:
   return gmm_lib
 
 
-def stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
-  """Stable argsort of int keys in [0, num_keys): one keys-only sort of key * M + index when
-  that fits int32 (a radix sort on GPU, no (key, index) pair sort), else jnp.argsort."""
+def order_and_sizes(key_M: jax.Array, num_groups: int,
+                    num_keys: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """(stable argsort of int keys in [0, num_keys), int32 count of each key < num_groups).
+
+  One keys-only sort of key * M + index when that fits int32 (a radix sort on GPU, no
+  (key, index) pair sort), else jnp.argsort. The counts are read off the sorted keys by a
+  binary search (no scatter-add with thousands of rows per bin); keys >= num_groups (e.g. a
+  "dropped" sentinel) sort last and are not counted."""
   m = key_M.shape[0]
+  num_keys = num_groups if num_keys is None else num_keys
+  key_M = key_M.astype(jnp.int32)
   if num_keys * m < 2 ** 31:
-    packed_M = jnp.sort(key_M.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32))
-    return (packed_M % m).astype(jnp.int32)
-  return jnp.argsort(key_M, stable=True).astype(jnp.int32)
+    packed_M = jnp.sort(key_M * m + jnp.arange(m, dtype=jnp.int32))
+    order_M, key_sorted_M = packed_M % m, packed_M // m
+  else:
+    order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)
+    key_sorted_M = key_M[order_M]
+  bounds = jnp.searchsorted(key_sorted_M, jnp.arange(num_groups + 1, dtype=jnp.int32),
+                            side="left")
+  return order_M.astype(jnp.int32), jnp.diff(bounds).astype(jnp.int32)
+
+
+def stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
+  """Stable argsort of int keys in [0, num_keys) (see `order_and_sizes`)."""
+  return order_and_sizes(key_M, num_keys)[0]
 
 
 def inverse_permutation(order_M: jax.Array) -> jax.Array:
@@ -99,9 +116,7 @@ class SortedGroups:
 
 
 def sort_groups(group_M: jax.Array, num_groups: int) -> SortedGroups:
-  group_M = group_M.astype(jnp.int32)
-  order_M = stable_order(group_M, num_groups)
-  sizes_G = jnp.bincount(group_M, length=num_groups).astype(jnp.int32)
+  order_M, sizes_G = order_and_sizes(group_M, num_groups)
   return SortedGroups(order_M, inverse_permutation(order_M), sizes_G)
 
 

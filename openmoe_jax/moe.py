@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from openmoe_jax import axes as ax
@@ -83,7 +84,7 @@ class MoeFFN(nnx.Module):
     if train_rng is not None:
       jitter_rng, drop_rng = jax.random.split(train_rng)
     logits_GSE = router_lib.router_logits(r_GSD, self.w_router_DE[...], jitter=m.jitter,
-                                          rng=jitter_rng)
+                                          rng=jitter_rng, dtype=m.router_dtype)
     cf = m.capacity_factor_eval if deterministic else m.capacity_factor_train
     if m.router == "expert_choice":
       if cf <= 0:
@@ -146,8 +147,8 @@ class MoeFFN(nnx.Module):
   def _sorted(self, x_GSD: jax.Array, routing: router_lib.Routing, backend: str) -> jax.Array:
     """Ragged / gmm backends: kept assignments sorted by expert, grouped matmuls, combine.
 
-    Lean path (no [M, E] one-hots, no float32 [M, D] buffers): group sizes are a bincount of
-    the expert ids, the order is one stable sort of the flat ids (dropped ones last), gmm reads
+    Lean path (no [M, E] one-hots, no float32 [M, D] buffers): the order is one stable sort of
+    the flat ids (dropped ones last) and the group sizes are read off it, gmm reads
     x through its fused row gather, and for token choice the [M, D] outputs are un-permuted
     into [T, K, D] by a gather (inverse permutation; its VJP is the opposite gather) and
     summed over K with the gates. Expert choice (a token may have 0..E assignments) keeps a
@@ -163,8 +164,7 @@ class MoeFFN(nnx.Module):
     kept_M = routing.kept_GA.reshape(-1)
     weight_M = routing.combine_weight_GA().reshape(-1)  # float32, 0 where dropped
     key_M = jnp.where(kept_M, routing.expert_GA.reshape(-1), e).astype(jnp.int32)
-    sizes_E = jnp.bincount(key_M, length=e).astype(jnp.int32)  # sentinel e is not counted
-    order_M = grouped.stable_order(key_M, e + 1)
+    order_M, sizes_E = grouped.order_and_sizes(key_M, e, e + 1)  # sentinel e not counted
     tok_sorted_M = token_M[order_M]
     kept_sorted_M = kept_M[order_M]
     weight_sorted_M = weight_M[order_M]
@@ -193,9 +193,9 @@ class MoeFFN(nnx.Module):
       gmm_lib = grouped.kernels_gmm()
       # Token choice: token t is used at sorted rows row_TK[t], so the x gradient is a
       # gather-and-sum of those K rows (no float32 scatter-add).
-      in_MF = gmm_lib.gmm(x_TD, w_in, sizes_E, backend=self.moe.gmm_backend,
-                          row_index=tok_sorted_M,
-                          row_positions=row_TK.reshape(g * s, k) if token_choice else None)
+      in_MF = checkpoint_name(gmm_lib.gmm(
+          x_TD, w_in, sizes_E, backend=self.moe.gmm_backend, row_index=tok_sorted_M,
+          row_positions=row_TK.reshape(g * s, k) if token_choice else None), "routed_hidden")
       mm_out = lambda h_MF: gmm_lib.gmm(h_MF, w_out, sizes_E, backend=self.moe.gmm_backend)
     gate_MF, up_MF = (in_MF, None) if w_up is None else (in_MF[:, :f], in_MF[:, f:])
     h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
@@ -257,5 +257,6 @@ class MoeFFN(nnx.Module):
     y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD).astype(self.dtype)
-    y_BLD = sharding.constrain(y_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    y_BLD = checkpoint_name(sharding.constrain(y_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)),
+                            "routed_out")
     return y_BLD, self.metrics(logits_GSE, mask_GS, routing)

@@ -33,10 +33,12 @@ def moeut(d_model: int, n_layers: int, n_heads: int, ff_n_experts: int, att_n_ex
       head_dim=d_head, d_ff=ff_expert_size, activation="relu", norm_eps=1e-5,
       tie_embeddings=False, rope_theta=10000.0, rope_fraction=0.5, max_seq_len=max_seq_len,
       dtype=dtype, attention="switchhead",
-      switchhead=SwitchHeadConfig(num_experts=att_n_experts, top_k=2, entropy_weight=0.001),
+      switchhead=SwitchHeadConfig(num_experts=att_n_experts, top_k=2, entropy_weight=0.001,
+                                  selection_dtype="bfloat16"),
       moe=MoeConfig(num_experts=ff_n_experts, top_k=ff_k, d_expert=ff_expert_size,
                     router="sigma", dropless=True, dispatch="gmm", activation="relu",
-                    load_balance_weight=0.0, z_loss_weight=0.0, entropy_weight=0.01),
+                    load_balance_weight=0.0, z_loss_weight=0.0, entropy_weight=0.01,
+                    router_dtype="bfloat16"),
       n_shared_groups=group_size, share_order="abab", norm_scheme="peri", init_scheme="moeut")
 
 

@@ -50,8 +50,8 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
 
 
 def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
-                  rng: jax.Array | None = None) -> jax.Array:
-  """float32 logits [G, S, E] of x_GSD @ w_DE.
+                  rng: jax.Array | None = None, dtype: str = "float32") -> jax.Array:
+  """float32 logits [G, S, E] of x_GSD @ w_DE, with operands in `dtype` (accumulation f32).
 
   `jitter` > 0 with an `rng` multiplies the router input by U(1 - jitter, 1 + jitter) noise
   (Switch/ST-MoE "jitter"); without an rng (evaluation) there is no noise.
@@ -59,7 +59,8 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
   x32 = x_GSD.astype(jnp.float32)
   if jitter > 0.0 and rng is not None:
     x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
-  return jnp.einsum("GSD,DE->GSE", x32, w_DE.astype(jnp.float32))
+  return jnp.einsum("GSD,DE->GSE", x32.astype(dtype), w_DE.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _slots_GA(expert_GA: jax.Array, routed_GA: jax.Array, num_experts: int) -> jax.Array:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from openmoe_jax import attention as attn_lib
@@ -78,6 +79,7 @@ class SwitchHeadAttention(nnx.Module):
     self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
     self.impl = cfg.attention_impl
     self.gmm_backend = cfg.moe.gmm_backend if cfg.moe is not None else "auto"
+    self.selection_dtype = sh.selection_dtype
     repeats = cfg.n_layers // cfg.n_shared_groups if cfg.n_shared_groups else 1
     self.aux_scale = sh.entropy_weight / repeats
     std, o_std, pdt = cfg.init_std, cfg.init_std * out_std_scale, cfg.param_dtype
@@ -107,7 +109,9 @@ class SwitchHeadAttention(nnx.Module):
     return attn_lib.init_cache(batch, length, h, k, self.dtype)
 
   def _selection_logits(self, qk_BLD: jax.Array, w_DHE: nnx.Param) -> jax.Array:
-    return jnp.einsum("BLD,DHE->BLHE", qk_BLD.astype(jnp.float32), w_DHE[...].astype(jnp.float32))
+    dt = self.selection_dtype
+    return jnp.einsum("BLD,DHE->BLHE", qk_BLD.astype(dt), w_DHE[...].astype(dt),
+                      preferred_element_type=jnp.float32)
 
   def _groups(self, idx_BLHk: jax.Array) -> jax.Array:
     """Group h * E + expert of every selection, in natural (token, head, choice) order."""
@@ -143,7 +147,7 @@ class SwitchHeadAttention(nnx.Module):
           x_BLD.reshape(b * l, d), self._groups(idx_v), gate_v.reshape(-1),
           self.w_v_HEDK[...].astype(dt).reshape(h * e, d, k), per_src=h * top_k,
           per_out=top_k, backend=self.gmm_backend)
-      v_BLHK = v_TH_K.reshape(b, l, h, k).astype(dt)
+      v_BLHK = checkpoint_name(v_TH_K.reshape(b, l, h, k).astype(dt), "routed_out")
       ent = (entropy_regularizer(logits_v_BLHE, token_mask_BL) +
              entropy_regularizer(logits_o_BLHE, token_mask_BL))
       aux = {"aux_loss": self.aux_scale * ent, "entropy_loss": ent}
@@ -167,4 +171,4 @@ class SwitchHeadAttention(nnx.Module):
         out_BLHK.reshape(b * l * h, k), self._groups(idx_o), gate_o.reshape(-1),
         self.w_o_HEKD[...].astype(dt).reshape(h * e, k, d), per_src=top_k,
         per_out=h * top_k, backend=self.gmm_backend)
-    return y_TD.reshape(b, l, d).astype(dt), new_cache, aux
+    return checkpoint_name(y_TD.reshape(b, l, d).astype(dt), "routed_out"), new_cache, aux

@@ -172,26 +172,27 @@ def tgmm(lhs_KM: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
 
 def gmm_nodiff(lhs_XK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
                row_index: jax.Array | None = None, transpose_rhs: bool = False,
-               backend: str = "auto", preferred_element_type=None) -> jax.Array:
+               backend: str = "auto", preferred_element_type=None,
+               interpret: bool = False) -> jax.Array:
   """The raw kernel call behind `gmm`, for building other custom VJPs: out[m] =
   lhs_rows[m] @ rhs[group(m)] (@ rhs[group(m)].T with `transpose_rhs`, reading rhs as
   [G, N, K] with no transposed copy). Not differentiable."""
   if lhs_XK.dtype != rhs_GKN.dtype:
     raise ValueError(f"lhs dtype {lhs_XK.dtype} != rhs dtype {rhs_GKN.dtype}")
   out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, None, False)
+  st = _Static(resolve_backend(backend), out_dtype, None, interpret)
   ri = None if row_index is None else row_index.astype(jnp.int32)
   return _fwd_impl(st, lhs_XK, rhs_GKN, group_sizes_G.astype(jnp.int32), ri, transpose_rhs)
 
 
 def tgmm_rows(lhs_XK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
               row_index: jax.Array | None = None, backend: str = "auto",
-              preferred_element_type=None) -> jax.Array:
+              preferred_element_type=None, interpret: bool = False) -> jax.Array:
   """Weight-gradient form with the kernel's fused row gather: out[g] =
   lhs_rows(g).T @ rhs_rows(g) -> [G, K, N], lhs rows taken as lhs_XK[row_index]. Not
   differentiable."""
   out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, None, False)
+  st = _Static(resolve_backend(backend), out_dtype, None, interpret)
   ri = None if row_index is None else row_index.astype(jnp.int32)
   return _tgmm_impl(st, lhs_XK, rhs_MN.astype(lhs_XK.dtype), group_sizes_G.astype(jnp.int32),
                     ri, out_dtype)

@@ -50,8 +50,20 @@ def _op_name(ev: dict[str, Any]) -> str:
   return str(ev.get("name", "?"))[:90]
 
 
-def summarize(trace_path: str, steps: int = 1) -> tuple[list[tuple[str, float, int]], float]:
-  """([(op, total microseconds per step, calls per step)] sorted by time, device us per step)."""
+def kernel_kind(ev: dict[str, Any]) -> str:
+  """A coarse kind: the kernel's own name for Pallas / custom calls, else the HLO op name
+  without its instance number (fusion.65 -> fusion), so repeated layers add up."""
+  name = str(ev.get("name", "?"))
+  op = _op_name(ev)
+  if op.startswith(("pallas_call", "custom-call", "custom_call")):
+    return f"{re.sub(r'[.][0-9]+$', '', op)}:{name[:60]}"
+  return re.sub(r"[.][0-9]+$", "", op)
+
+
+def summarize(trace_path: str, steps: int = 1, by_kind: bool = False
+              ) -> tuple[list[tuple[str, float, int]], float]:
+  """([(op, total microseconds per step, calls per step)] sorted by time, device us per step);
+  `by_kind` groups by `kernel_kind` instead of by HLO op instance."""
   with gzip.open(trace_path, "rt", encoding="utf-8") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
@@ -61,7 +73,7 @@ def summarize(trace_path: str, steps: int = 1) -> tuple[list[tuple[str, float, i
   for ev in events:
     if ev.get("ph") != "X" or ev.get("pid") not in pids:
       continue
-    name = _op_name(ev)
+    name = kernel_kind(ev) if by_kind else _op_name(ev)
     totals[name] += float(ev.get("dur", 0.0))
     calls[name] += 1
   rows = sorted(((n, t / steps, round(calls[n] / steps)) for n, t in totals.items()),
@@ -83,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--steps", type=int, default=3, help="steps the trace covers")
   a = p.parse_args(argv)
-  rows, total = summarize(find_trace(a.profile_dir), a.steps)
-  print(format_table(rows, total, a.top))
+  path = find_trace(a.profile_dir)
+  for by_kind in (True, False):
+    rows, total = summarize(path, a.steps, by_kind=by_kind)
+    print(format_table(rows, total, a.top))
 
 
 if __name__ == "__main__":

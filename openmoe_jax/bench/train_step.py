@@ -62,17 +62,12 @@ BUILTIN_PRESETS: dict[str, Any] = {
 def moeut_244m_standin() -> ModelConfig:
   """MoEUT-244M's shape (official profiles.py MoEUT_244M: d_model 1024, 18 layers, group size 2,
   4 heads of 128, 387 sigma-MoE experts of 128 with k=16, ReLU, peri-LN; vocabulary 8000 as in
-  the paper), for when the MoEUT presets are absent. Attention is SwitchHead (10 experts, k=2)
-  when `openmoe_jax.switchhead` exists, else plain dense attention of the same heads."""
-  try:
-    importlib.import_module("openmoe_jax.switchhead")
-    attention, extra = "switchhead", (("att_n_experts", 10), ("att_k", 2))
-  except ImportError:
-    attention, extra = "dense", ()
+  the paper) with plain dense attention of the same heads instead of SwitchHead: isolates the
+  sigma-MoE FFN. The full model is the `moeut-244m` preset."""
   return ModelConfig(
       vocab_size=8000, d_model=1024, n_layers=18, n_heads=4, head_dim=128, d_ff=128,
       activation="relu", max_seq_len=1024, rope_fraction=0.5, n_shared_groups=2,
-      norm_scheme="peri", attention=attention, extra=extra,
+      norm_scheme="peri",
       moe=MoeConfig(num_experts=387, top_k=16, d_expert=128, router="sigma", activation="relu",
                     dropless=True, dispatch="gmm", load_balance_weight=0.0, z_loss_weight=0.0,
                     entropy_weight=0.01))
@@ -165,6 +160,8 @@ def _names(leaf: nnx.Variable) -> tuple[str | None, ...]:
 def _expert_top_k(cfg: ModelConfig, path: Sequence[str]) -> int:
   """Experts a token uses in the expert weight at `path` (attention experts vs FFN experts)."""
   if any(p.startswith("attn") for p in path):
+    if cfg.switchhead is not None:
+      return cfg.switchhead.top_k
     for key in ("att_k", "attn_k", "attention_top_k", "switchhead_k", "att_top_k"):
       if cfg.option(key) is not None:
         return int(cfg.option(key))
@@ -172,6 +169,17 @@ def _expert_top_k(cfg: ModelConfig, path: Sequence[str]) -> int:
   if cfg.moe is None:
     raise ValueError(f"expert-shaped parameter {'/'.join(path)} in a model without MoeConfig")
   return cfg.moe.top_k
+
+
+def _expert_axis(name: str, names: tuple[str | None, ...]) -> int | None:
+  """The expert axis of a parameter: its `expert` logical axis, else the `E` of its shape
+  suffix (SwitchHead's w_v_HEDK keeps its expert axis replicated, so it has no logical name)."""
+  if ax.EXPERT in names:
+    return names.index(ax.EXPERT)
+  suffix = name.rsplit("_", 1)[-1]
+  if "_" in name and suffix.isupper() and len(suffix) == len(names) and "E" in suffix:
+    return suffix.index("E")
+  return None
 
 
 def active_params_per_token(cfg: ModelConfig) -> float:
@@ -193,8 +201,9 @@ def active_params_per_token(cfg: ModelConfig) -> float:
     if "embed" in keys and not cfg.tie_embeddings:
       continue  # an embedding lookup is a gather, not a matmul
     size = float(math.prod(shape))
-    if ax.EXPERT in names and len(dims) >= 3:  # [E, D, F]-like; a router [D, E] is dense
-      size *= _expert_top_k(cfg, keys) / shape[names.index(ax.EXPERT)]
+    e_axis = _expert_axis(keys[-1], names)
+    if e_axis is not None and len(dims) >= 3:  # [E, D, F]-like; a router [D, E] is dense
+      size *= _expert_top_k(cfg, keys) / shape[e_axis]
     if "segments" in keys:
       seg = int(keys[keys.index("segments") + 1])
       _, _, repeats, shared = plan[seg]
@@ -318,11 +327,13 @@ def _print_profile(profile_dir: str) -> None:
   """The top kernels of the 3 profiled steps (best effort: a trace format change only warns)."""
   from openmoe_jax.bench import profile_summary  # pylint: disable=import-outside-toplevel
   try:
-    rows, total = profile_summary.summarize(profile_summary.find_trace(profile_dir), steps=3)
+    path = profile_summary.find_trace(profile_dir)
+    tables = [profile_summary.summarize(path, steps=3, by_kind=k) for k in (True, False)]
   except (OSError, ValueError, KeyError) as e:
     print(f"profile summary unavailable: {e}", flush=True)
     return
-  print(profile_summary.format_table(rows, total, top=25), flush=True)
+  for (rows, total), top in zip(tables, (25, 12)):
+    print(profile_summary.format_table(rows, total, top=top), flush=True)
 
 
 @dataclasses.dataclass
