@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 NEG_INF = -1e30  # finite, so that exp(NEG_INF - NEG_INF) stays defined on fully masked rows
@@ -239,6 +240,8 @@ def _fwd_res(q, k, v, mask_i8, blocks):
   bk = _fit(blocks.fwd_k, k.shape[1], "key")
   q_ranges, _ = _tile_ranges(mask_i8 != 0, bq, bk)
   out, lse = _forward(q, k, v, mask_i8, q_ranges, blocks)
+  # Named so that the "dots" remat policy keeps them instead of re-running the forward kernel.
+  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, mask_i8, out, lse)
 
 
