@@ -210,3 +210,20 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
   monkeypatch.setattr(tuning, "_MEMO", None)  # a fresh process reads the file
   assert tuning.lookup("pallas_gpu", "gmm", m=64, k=32, n=16, g=2, dtype=jnp.float32,
                        gather=False) == best
+
+
+def test_tuning_lookup_uses_nearest_rows_and_groups(tmp_path, monkeypatch):
+  """An untuned M / G takes the tile of the entry with the same op, K, N and dtype nearest in
+  log M and log G; another K or N falls back to the heuristic."""
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "_MEMO", {})
+  near, far = Tiling(256, 128, 64), Tiling(64, 64, 32)
+  kw = {"k": 1024, "n": 128, "dtype": jnp.bfloat16}
+  tuning.store(tuning.key("pallas_gpu", "gmm", m=131072, g=128, gather=False, **kw), near)
+  tuning.store(tuning.key("pallas_gpu", "gmm", m=1024, g=4, gather=False, **kw), far)
+  assert tuning.lookup("pallas_gpu", "gmm", m=1 << 20, g=387, gather=True, **kw) == near
+  assert tuning.lookup("pallas_gpu", "gmm", m=2048, g=8, gather=False, **kw) == far
+  other = tuning.lookup("pallas_gpu", "gmm", m=1 << 20, g=387, gather=True, k=512, n=128,
+                        dtype=jnp.bfloat16)
+  assert other == tuning.default_tiling("pallas_gpu", "gmm", m=1 << 20, k=512, n=128, g=387,
+                                        dtype=jnp.bfloat16)

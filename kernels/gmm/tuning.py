@@ -6,6 +6,7 @@ default); `autotune` times candidate tilings on real inputs and writes the winne
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import time
@@ -78,8 +79,41 @@ def default_tiling(backend: str, op: str, *, m: int, k: int, n: int, g: int, dty
   return Tiling(tm=tm, tn=tn, tk=tk, num_warps=4 if f32 else 8, num_stages=3 if f32 else 4)
 
 
+def _parse(cache_key: str) -> tuple[tuple[str, ...], dict[str, int], str] | None:
+  """(device, backend, op, k, n, dtype) identity, {m, g}, gather flag of a cache key."""
+  parts = cache_key.split("|")
+  if len(parts) != 9:
+    return None
+  dev, backend, op, m, k, n, g, dtype, gather = parts
+  try:
+    sizes = {"m": int(m[1:]), "g": int(g[1:])}
+  except ValueError:
+    return None
+  return (dev, backend, op, k, n, dtype), sizes, gather
+
+
+def nearest(cache_key: str) -> dict | None:
+  """The entry for the same device, backend, op, K, N and dtype whose row count M and group
+  count G are nearest on a log scale (a tile tuned for 131k rows serves 1M rows of the same
+  widths far better than the generic default); an exact gather / plain match wins ties."""
+  want = _parse(cache_key)
+  if want is None:
+    return None
+  best, best_d = None, float("inf")
+  for other, entry in _load().items():
+    got = _parse(other)
+    if got is None or got[0] != want[0]:
+      continue
+    d = sum(abs(math.log2(max(got[1][s], 1)) - math.log2(max(want[1][s], 1))) for s in "mg")
+    d += 0.0 if got[2] == want[2] else 0.5
+    if d < best_d:
+      best, best_d = entry, d
+  return best
+
+
 def lookup(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool) -> Tiling:
-  entry = _load().get(key(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather))
+  cache_key = key(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
+  entry = _load().get(cache_key) or nearest(cache_key)
   if entry is not None:
     return Tiling(**entry)
   return default_tiling(backend, op, m=m, k=k, n=n, g=g, dtype=dtype)
