@@ -21,11 +21,33 @@ CONFIGURED: dict[str, object] = {}  # name -> the gin-wrapped callable (applies 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
+def _guard_resource_reader() -> None:
+  """gin's package-resource reader raises TypeError when an include's folder is importable as a
+  namespace package (e.g. `include 'runs/x.gin'` with a `runs/` folder, as the main job writes,
+  in the working directory): make its existence check answer "not here" instead."""
+  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
+  readers = getattr(gin_config, "_FILE_READERS", None)
+  if not isinstance(readers, list):
+    return
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "_openmoe_guarded", False) or exists is os.path.isfile:
+      continue
+
+    def guarded(path: str, _exists=exists) -> bool:
+      try:
+        return bool(_exists(path))
+      except TypeError:
+        return False
+    guarded._openmoe_guarded = True  # type: ignore[attr-defined]
+    readers[i] = (reader, guarded)
+
+
 def register() -> None:
   """Registers configurables once per process (idempotent)."""
   global _registered
   if _registered:
     return
+  _guard_resource_reader()
   for cls in _CONFIGS:
     CONFIGURED[cls.__name__] = gin.external_configurable(cls, cls.__name__)
   from openmoe_jax import train  # pylint: disable=import-outside-toplevel

@@ -5,22 +5,39 @@ import jax
 import jax.numpy as jnp
 
 
+def max_and_argmax(x_BLV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, first index of the max) over the last axis in one variadic reduction (jnp.max and
+  jnp.argmax are two passes over a [B, L, V] tensor). Not differentiable."""
+  axis = x_BLV.ndim - 1
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_BLV.shape, axis)
+
+  def better(a, b):
+    (av, ai), (bv, bi) = a, b
+    take_a = (av > bv) | ((av == bv) & (ai < bi))
+    return jnp.where(take_a, av, bv), jnp.where(take_a, ai, bi)
+
+  init = (jnp.array(-jnp.inf, x_BLV.dtype), jnp.array(0, jnp.int32))
+  return jax.lax.reduce((x_BLV, iota), init, better, (axis,))
+
+
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
                   z_loss: float = 0.0) -> dict[str, jax.Array]:
   """Weighted sums (not means) so that micro-batches and hosts can be added before dividing.
 
   Returns {"loss_sum", "z_loss_sum", "correct_sum", "weight_sum"} as float32 scalars.
   Logits may be bfloat16 (ModelConfig.logits_dtype): every reduction upcasts on the fly, so
-  no float32 copy of the [B, L, V] logits is written.
+  no float32 copy of the [B, L, V] logits is written, and the max (logsumexp's shift) and the
+  argmax (accuracy) come from one pass over them.
   """
   weights_BL = weights_BL.astype(jnp.float32)
-  max_BL = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1).astype(jnp.float32))
+  max_BL, argmax_BL = max_and_argmax(jax.lax.stop_gradient(logits_BLV))
+  max_BL = max_BL.astype(jnp.float32)
   shifted_BLV = logits_BLV.astype(jnp.float32) - max_BL[..., None]
   log_z_BL = max_BL + jnp.log(jnp.sum(jnp.exp(shifted_BLV), axis=-1))
   target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None],
                                         axis=-1)[..., 0].astype(jnp.float32)
   nll_BL = log_z_BL - target_logit_BL
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+  correct_BL = (argmax_BL == targets_BL).astype(jnp.float32)
   return {
       "loss_sum": jnp.sum(nll_BL * weights_BL),
       "z_loss_sum": z_loss * jnp.sum(jnp.square(log_z_BL) * weights_BL),

@@ -179,7 +179,9 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
         summary["train"] = drain(pending)
       pending = (step, step_metrics)
       now = time.time()
-      bar.set_postfix(loss=f"{summary.get('train', {}).get('loss', float('nan')):.3f}",
+      # Metrics arrive one step late (no host sync in the loop): no loss before step 2.
+      train_loss = summary.get("train", {}).get("loss")
+      bar.set_postfix(loss="-" if train_loss is None else f"{train_loss:.3f}",
                       tok_s=f"{tokens_per_step / max(now - last_time, 1e-9):,.0f}")
       bar.update(1)
       last_time = now

@@ -73,3 +73,17 @@ def test_experiment_dry_run_builds(rel, capsys):
 def test_optimizer_config_from_runs_is_consistent():
   gin_setup.parse(["runs/tiny_cpu.gin"])
   assert isinstance(gin_setup.configured("OptimConfig")(), OptimConfig)
+
+
+def test_includes_parse_with_a_runs_folder_in_the_working_directory(tmp_path, monkeypatch):
+  """The main job writes runs/ into the repo; afterwards `runs` is importable as a namespace
+  package and gin's package-resource reader used to crash on `include 'runs/...'`."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  (tmp_path / "runs" / "tiny_openmoe_ul2").mkdir(parents=True)
+  (tmp_path / "models").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.invalidate_caches()
+  assert importlib.util.find_spec("runs") is not None  # the trap is armed
+  gin_setup.parse([os.path.join(REPO, "gin", "experiments", "tiny_openmoe_ul2.gin")])
+  assert gin_setup.configured("TrainConfig")().steps > 0

@@ -50,6 +50,14 @@ def _op_name(ev: dict[str, Any]) -> str:
   return str(ev.get("name", "?"))[:90]
 
 
+def _detail(ev: dict[str, Any]) -> str:
+  """What an op instance computes, when the trace says (its HLO text, shortened)."""
+  args = ev.get("args") or {}
+  text = str(args.get("long_name") or args.get("hlo_text") or "")
+  text = re.sub(r"\s+", " ", text)
+  return f"  [{text[:150]}]" if text else ""
+
+
 def kernel_kind(ev: dict[str, Any]) -> str:
   """A coarse kind: the kernel's own name for Pallas / custom calls, else the HLO op name
   without its instance number (fusion.65 -> fusion), so repeated layers add up."""
@@ -73,7 +81,7 @@ def summarize(trace_path: str, steps: int = 1, by_kind: bool = False
   for ev in events:
     if ev.get("ph") != "X" or ev.get("pid") not in pids:
       continue
-    name = kernel_kind(ev) if by_kind else _op_name(ev)
+    name = kernel_kind(ev) if by_kind else _op_name(ev) + _detail(ev)
     totals[name] += float(ev.get("dur", 0.0))
     calls[name] += 1
   rows = sorted(((n, t / steps, round(calls[n] / steps)) for n, t in totals.items()),
@@ -85,7 +93,7 @@ def format_table(rows: list[tuple[str, float, int]], total_us: float, top: int) 
   lines = [f"device time per step: {total_us / 1e3:.2f} ms (sum over device streams)",
            f"{'ms/step':>9} {'share':>6} {'calls':>6}  op"]
   for name, us, n in rows[:top]:
-    lines.append(f"{us / 1e3:9.3f} {100 * us / max(total_us, 1e-9):5.1f}% {n:6d}  {name}")
+    lines.append(f"{us / 1e3:9.3f} {100 * us / max(total_us, 1e-9):5.1f}% {n:6d}  {name[:240]}")
   return "\n".join(lines)
 
 
