@@ -208,6 +208,8 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
   if step >= train.steps:
     if ckpt.latest_step() != step:
       ckpt.save(step, state, train_it.get_state(), force=True)
+    if eval_fn is None:  # resumed from the final checkpoint: no step ran in this process
+      eval_fn = ts.jit_eval_step(setup, _to_global(next(eval_it), setup))
     summary["eval"] = evaluate(setup, eval_fn, state["params"], eval_it, eval_start,
                                train.eval_batches)
     writer.scalars(step, summary["eval"], prefix="eval")

@@ -41,6 +41,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   assert all(a[s] == b[s] for s in a), (a, b)  # bit-exact, not approximately
   assert full["eval"]["loss"] == resumed["eval"]["loss"]
   assert sorted(os.listdir(tmp_path / "cut" / "checkpoints"))[-1] == "8"
+  # Re-running a finished run (the README's main job, run twice) finishes at once with the
+  # same evaluation and trains nothing more.
+  again = _train(tmp_path / "cut", 8)
+  assert again["step"] == 8 and again["eval"]["loss"] == full["eval"]["loss"]
+  assert _losses(tmp_path / "cut") == b
 
 
 def test_loss_falls_well_below_unigram_entropy(tmp_path):
