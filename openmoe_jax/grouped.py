@@ -133,12 +133,6 @@ def gather_gmm(src_RI: jax.Array, w_GIO: jax.Array, sg: SortedGroups, per_src: i
                            row_index=sg.order_M // per_src, row_positions=positions_RP)
 
 
-def sorted_gmm(x_MI: jax.Array, w_GIO: jax.Array, sg: SortedGroups,
-               backend: str = "auto") -> jax.Array:
-  """Already-sorted rows [M, I] times their group's weight -> [M, O]."""
-  return kernels_gmm().gmm(x_MI.astype(w_GIO.dtype), w_GIO, sg.sizes_G, backend=backend)
-
-
 def unsort(y_MO: jax.Array, sg: SortedGroups) -> jax.Array:
   """Sorted rows back to natural order."""
   return permute_rows(y_MO, sg.inv_M, sg.order_M)
