@@ -54,6 +54,21 @@ def test_flops_experts_count_top_k_of_e():
   assert n_moe == pytest.approx(expected, rel=0.02)  # small extras (e.g. router bias) allowed
 
 
+def test_flops_switchhead_experts_count_top_k_of_e():
+  """SwitchHead's V/O experts [H, E, D, K] keep their expert axis replicated (no `expert`
+  logical name): the shape suffix still marks it, so only att_k of E count per token."""
+  from openmoe_jax.config import SwitchHeadConfig  # pylint: disable=import-outside-toplevel
+  d, h, k, e, top_k, v = 32, 4, 8, 6, 2, 96
+  cfg = ModelConfig(vocab_size=v, d_model=d, n_layers=2, n_heads=h, head_dim=k, d_ff=64,
+                    attention="switchhead",
+                    switchhead=SwitchHeadConfig(num_experts=e, top_k=top_k))
+  per_layer = (2 * d * h * k          # dense Q and K
+               + 2 * h * top_k * d * k  # k of E value and output experts per head
+               + 2 * d * h * e          # V and O selection logits
+               + 3 * d * 64)            # gated MLP
+  assert bench.active_params_per_token(cfg) == 2 * per_layer + d * v
+
+
 @pytest.mark.parametrize("mask", bench.MASKS)
 def test_synthetic_batch_follows_contract(mask):
   b = bench.synthetic_batch(3, 64, 50, seed=2, mask=mask)

@@ -173,12 +173,15 @@ def _expert_top_k(cfg: ModelConfig, path: Sequence[str]) -> int:
 
 def _expert_axis(name: str, names: tuple[str | None, ...]) -> int | None:
   """The expert axis of a parameter: its `expert` logical axis, else the `E` of its shape
-  suffix (SwitchHead's w_v_HEDK keeps its expert axis replicated, so it has no logical name)."""
+  suffix (SwitchHead's w_v_HEDK keeps its expert axis replicated, so it has no logical name);
+  a leading scan (layers) axis is skipped."""
   if ax.EXPERT in names:
     return names.index(ax.EXPERT)
   suffix = name.rsplit("_", 1)[-1]
-  if "_" in name and suffix.isupper() and len(suffix) == len(names) and "E" in suffix:
-    return suffix.index("E")
+  dims = [i for i, n in enumerate(names) if n != ax.LAYERS]  # scan stacks a leading layer axis
+  # An `E` that is the last letter is a router's output (w_sel_v_DHE), not an expert axis.
+  if ("_" in name and suffix.isupper() and len(suffix) == len(dims) and "E" in suffix[:-1]):
+    return dims[suffix.index("E")]
   return None
 
 
