@@ -172,6 +172,11 @@ def check_backend(backend: str, dtype, key) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- benchmark
+def mgpu_unfit(t: Tiling, op: str, m: int, k: int, n: int) -> bool:
+  from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
+  return pallas_mgpu.supports(jnp.bfloat16, gather=False, k=k, n=n, t=t, op=op.split("_")[0]) is not None
+
+
 def autotune_shape(backend, x, w, gs, dy):
   """Tunes gmm (fwd), gmm_t (dx) and tgmm (dW) tiles for this shape into the cache."""
   m, d = x.shape
@@ -184,7 +189,9 @@ def autotune_shape(backend, x, w, gs, dy):
   for op, (make, op_args, mm, kk, nn) in specs.items():
     ck = tuning.key(backend, op, m=mm, k=kk, n=nn, g=e, dtype=x.dtype, gather=False)
     make_fn = lambda t, make=make, op_args=op_args: functools.partial(jax.jit(make(t)), *op_args)
-    best = tuning.autotune(ck, make_fn, tuning.candidates(op, x.dtype), iters=5)
+    cands = [c for c in tuning.candidates(op, x.dtype, backend)
+             if backend != "pallas_mgpu" or not mgpu_unfit(c, op, mm, kk, nn)]
+    best = tuning.autotune(ck, make_fn, cands, iters=5)
     print(f"    autotuned {backend} {op}: {best}", flush=True)
 
 
@@ -261,7 +268,7 @@ def print_rows(shape, flops, base, rows):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shapes", default="0,1,2,3")
-  p.add_argument("--backends", default="ragged_dot,ragged_dot_mgpu,pallas_gpu,triton")
+  p.add_argument("--backends", default="ragged_dot,ragged_dot_mgpu,pallas_gpu,triton,pallas_mgpu")
   p.add_argument("--autotune", default="", help="comma list of backends to autotune first")
   p.add_argument("--check-only", action="store_true")
   p.add_argument("--no-check", action="store_true")

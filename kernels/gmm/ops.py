@@ -2,8 +2,9 @@
 
 Backends: "reference" (jax.lax.ragged_dot; CPU and tests), "pallas_gpu" (Pallas Triton
 lowering), "pallas_tpu" (megablox-style Pallas TPU), "triton" (jax-triton; GPU extra),
-"pallas_mgpu" (not implemented; falls back with a clear error). "auto" picks by platform:
-gpu -> pallas_gpu, tpu -> pallas_tpu, else reference. $OPENMOE_JAX_GMM_BACKEND overrides "auto".
+"pallas_mgpu" (Pallas Mosaic GPU, Hopper: TMA + wgmma + warp specialisation; calls it cannot
+run, a fused row gather or float32, go to "pallas_gpu"). "auto" picks by platform: gpu ->
+pallas_gpu, tpu -> pallas_tpu, else reference. $OPENMOE_JAX_GMM_BACKEND overrides "auto".
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from openmoe_jax.kernels.gmm.tiling import Tiling
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "triton")
 _MODULES = {"reference": "reference", "pallas_gpu": "pallas_gpu", "pallas_tpu": "pallas_tpu",
-            "triton": "triton"}
+            "triton": "triton", "pallas_mgpu": "pallas_mgpu"}
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -35,8 +36,6 @@ def resolve_backend(backend: str = "auto") -> str:
     platform = jax.default_backend()
     backend = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
         platform, "reference")
-  if backend == "pallas_mgpu":
-    raise NotImplementedError("backend 'pallas_mgpu' is not implemented yet; use 'pallas_gpu'")
   return backend
 
 
@@ -58,11 +57,23 @@ def _tile(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: b
   return tuning.lookup(st.backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
 
 
+def _routed(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: bool):
+  """(static, tiling) for the call: a pallas_mgpu call it cannot run goes to pallas_gpu."""
+  tiling = _tile(st, op, m, k, n, g, dtype, gather)
+  if st.backend == "pallas_mgpu":
+    from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
+    if pallas_mgpu.supports(dtype, gather=gather, k=k, n=n, t=tiling, op=op.split("_")[0]):
+      st = dataclasses.replace(st, backend="pallas_gpu", tiling=None)
+      tiling = _tile(st, op, m, k, n, g, dtype, gather)
+  return st, tiling
+
+
 def _fwd_impl(st: _Static, lhs, rhs, group_sizes, row_index, transpose_rhs: bool = False):
   m = lhs.shape[0] if row_index is None else row_index.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   op = "gmm_t" if transpose_rhs else "gmm"
-  tiling = _tile(st, op, m, lhs.shape[1], n, rhs.shape[0], lhs.dtype, row_index is not None)
+  st, tiling = _routed(st, op, m, lhs.shape[1], n, rhs.shape[0], lhs.dtype,
+                       row_index is not None)
   return _module(st.backend).gmm(lhs, rhs, group_sizes, row_index_M=row_index,
                                  transpose_rhs=transpose_rhs, out_dtype=st.out_dtype,
                                  tiling=tiling, interpret=st.interpret)
@@ -70,8 +81,8 @@ def _fwd_impl(st: _Static, lhs, rhs, group_sizes, row_index, transpose_rhs: bool
 
 def _tgmm_impl(st: _Static, lhs_XK, rhs_MN, group_sizes, row_index, out_dtype):
   m, n = rhs_MN.shape
-  tiling = _tile(st, "tgmm", m, lhs_XK.shape[1], n, group_sizes.shape[0], lhs_XK.dtype,
-                 row_index is not None)
+  st, tiling = _routed(st, "tgmm", m, lhs_XK.shape[1], n, group_sizes.shape[0], lhs_XK.dtype,
+                       row_index is not None)
   return _module(st.backend).tgmm(lhs_XK, rhs_MN, group_sizes, row_index_M=row_index,
                                   out_dtype=out_dtype, tiling=tiling, interpret=st.interpret)
 

@@ -70,6 +70,10 @@ def default_tiling(backend: str, op: str, *, m: int, k: int, n: int, g: int, dty
   f32 = jnp.dtype(dtype) == jnp.float32
   if backend == "pallas_tpu":
     return Tiling(tm=128, tn=128, tk=128)
+  if backend == "pallas_mgpu":  # wgmma tiles: two compute warpgroups of tn / 2 columns
+    if op == "tgmm":
+      return Tiling(tm=64, tn=256 if n % 256 == 0 else 128, tk=128, num_warps=8, num_stages=3)
+    return Tiling(tm=128, tn=256 if n % 256 == 0 else 128, tk=64, num_warps=8, num_stages=3)
   tk = 32 if f32 else 64
   if op == "tgmm":
     return Tiling(tm=64 if f32 else 128, tn=64 if f32 else 128, tk=64 if f32 else 128,
@@ -119,8 +123,15 @@ def lookup(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gath
   return default_tiling(backend, op, m=m, k=k, n=n, g=g, dtype=dtype)
 
 
-def candidates(op: str, dtype) -> list[Tiling]:
+def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
   """A small search space (compile time dominates autotuning on GPU)."""
+  if backend == "pallas_mgpu" and jnp.dtype(dtype) != jnp.float32:
+    # All fit Hopper's 227 KiB of shared memory: stages x (A + B tile) + output staging.
+    if op == "tgmm":  # tm: reduction rows; [tk, tn]: output block, tn split over warpgroups
+      return [Tiling(64, 256, 128, 8, 3), Tiling(64, 128, 128, 8, 4), Tiling(128, 128, 128, 8, 3),
+              Tiling(64, 128, 128, 4, 4), Tiling(64, 256, 64, 8, 4)]
+    return [Tiling(128, 256, 64, 8, 3), Tiling(128, 128, 64, 8, 4), Tiling(128, 128, 64, 4, 4),
+            Tiling(64, 256, 64, 8, 4), Tiling(128, 128, 128, 8, 3), Tiling(256, 128, 64, 8, 3)]
   if jnp.dtype(dtype) == jnp.float32:
     return [Tiling(64, 64, 32, 4, 3), Tiling(64, 128, 32, 4, 3), Tiling(128, 64, 32, 8, 3)]
   if op == "tgmm":  # tm is the reduction here, [tk, tn] the output tile

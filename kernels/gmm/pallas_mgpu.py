@@ -1,0 +1,343 @@
+"""Grouped matmul in Pallas Mosaic GPU for Hopper: TMA loads, wgmma, warp specialisation.
+
+One persistent CTA per SM walks a work list. Each CTA runs one memory warpgroup (TMA loads
+into a `num_stages`-deep shared-memory ring) and `num_warps // 4` compute warpgroups, each
+owning `tn / wgs` output columns of the tile and issuing wgmma on the shared tiles.
+
+gmm: a work item is `tm` rows of one group, starting at the group's first row (tiles are
+aligned to groups, not to the row grid, so a group of s rows costs ceil(s / tm) tiles and a
+group boundary never doubles a tile). A tile whose rows would run past M is shifted back to
+end at M; its store writes only the group's rows, through a ladder of power-of-two TMA
+stores. Rows past sum(group_sizes) form a tail group whose tiles store zeros.
+tgmm: a work item is one (group, K tile, N tile) output block, reducing over the group's
+row tiles (aligned to `tm`); the first and last tiles zero the other groups' rows in
+shared memory before the wgmma.
+
+No fused row gather (Hopper's TMA cannot gather rows) and no exact float32 (wgmma rounds
+to tf32): `ops` routes those calls to the Triton-lowered kernel. `interpret=True` runs the
+kernels in Pallas' GPU interpreter on CPU.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from openmoe_jax.kernels.gmm.tiling import Tiling
+
+DEFAULT_TILING = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, group_m=8)
+DEFAULT_TGMM_TILING = Tiling(tm=64, tn=256, tk=128, num_warps=8, num_stages=3, group_m=8)
+_MEMORY_REGISTERS = 40
+_ROW_ALIGN = 8  # row starts of TMA tile loads are multiples of the 8-row smem tiling
+
+
+def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> str | None:
+  """None when this backend runs the call, else why it cannot (ops then uses pallas_gpu)."""
+  if gather:
+    return "fused row gather (TMA has no row gather on Hopper)"
+  if jnp.dtype(lhs_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(lhs_dtype).name} (wgmma is exact for 16-bit operands only)"
+  wgs = t.num_warps // 4
+  if t.num_warps % 4 or wgs not in (1, 2) or t.tn % (64 * wgs):
+    return f"tiling {t} (num_warps 4 or 8; tn / warpgroups a multiple of 64)"
+  red, out_rows = (t.tm, t.tk) if op == "tgmm" else (t.tk, t.tm)
+  if t.tm & (t.tm - 1) or t.tm < 64 or t.tk % 64:
+    return f"tiling {t} (tm a power of two >= 64, tk a multiple of 64)"
+  if op == "tgmm" and k % t.tk:
+    return f"K={k} not a multiple of tk={t.tk}"
+  if op != "tgmm" and k % red:
+    return f"K={k} not a multiple of tk={red}"
+  if n % t.tn:
+    return f"N={n} not a multiple of tn={t.tn}"
+  del out_rows
+  return None
+
+
+def _num_sms(interpret: bool) -> int:
+  if interpret:
+    return 4
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _swizzled(minor_elems: int, dtype) -> tuple:
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _params(interpret: bool):
+  return plgpu.InterpretGPUParams() if interpret else False
+
+
+class TileList(NamedTuple):
+  group: jax.Array   # int32[I]: group of each item (G = the tail of unassigned rows)
+  start: jax.Array   # int32[I]: first row of the item
+  end: jax.Array     # int32[I]: one past its last row (start < end <= start + tm)
+  count: jax.Array   # int32[1]: number of valid items
+
+
+def group_aligned_tiles(group_sizes_G: jax.Array, m: int, tm: int) -> TileList:
+  """Work list of group-aligned row tiles: group g's rows [s, e) cut into tiles of tm rows
+  starting at s rounded down to a multiple of 8 (TMA tile loads want 8-row aligned starts);
+  a tile's own rows are its span clipped to [s, e)."""
+  sizes = group_sizes_G.astype(jnp.int32)
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  starts = jnp.concatenate([starts, ends[-1:]])               # the tail group
+  ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  base = starts // _ROW_ALIGN * _ROW_ALIGN
+  count = jnp.where(ends > starts, (ends - base + tm - 1) // tm, 0)
+  cum = jnp.cumsum(count)
+  num = -(-m // tm) + 2 * (sizes.shape[0] + 1)
+  item = jnp.arange(num, dtype=jnp.int32)
+  grp = jnp.searchsorted(cum, item, side="right", method="compare_all").astype(jnp.int32)
+  grp = jnp.minimum(grp, starts.shape[0] - 1)
+  local = item - (cum[grp] - count[grp])
+  tile0 = base[grp] + local * tm
+  start = jnp.maximum(tile0, starts[grp])
+  end = jnp.minimum(tile0 + tm, ends[grp])
+  return TileList(grp, start, end, cum[-1:].astype(jnp.int32))
+
+
+def _ladder_store(src_smem, dst_gmem, row_offset, num_rows, max_rows: int):
+  """TMA-stores src_smem[row_offset : row_offset + num_rows] (num_rows <= max_rows, a
+  run-time value) to the same rows of dst_gmem, as power-of-two row blocks."""
+  done = row_offset
+  size = max_rows
+  while size >= 1:
+    @pl.when(num_rows & size != 0)
+    def _store(size=size, done=done):
+      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(done, size)], dst_gmem.at[pl.ds(done, size)])
+    done = done + (num_rows & size)
+    size //= 2
+
+
+def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,
+              t: Tiling, interpret: bool):
+  m, k = lhs_MK.shape
+  g = rhs.shape[0]
+  tm, tn, tk = t.tm, t.tn, t.tk
+  wgs = t.num_warps // 4
+  tn_wg = tn // wgs
+  grid_n = n // tn
+  num_items_max = tiles.group.shape[0]
+  lhs_tr = _swizzled(tk, lhs_MK.dtype)
+  rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+  rhs_tr = _swizzled(rhs_block[1], rhs.dtype)
+
+  def pipeline(body, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k // tk,), memory_registers=_MEMORY_REGISTERS,
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=lhs_tr),
+                  plgpu.BlockSpec(rhs_block, (lambda kk: (0, kk)) if transpose_rhs
+                                  else (lambda kk: (kk, 0)), transforms=rhs_tr)],
+        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
+        compute_context=context)
+
+  def kernel(grp_gmem, start_gmem, end_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_gmem),
+        out_smem=plgpu.SMEM((wgs, tm, tn_wg), out_dtype),
+        collective_axes="wg")
+    def _scope(allocs, out_smem):
+      num_valid = count_gmem[0]
+
+      @plgpu.nd_loop((num_valid * grid_n,), collective_axes="sm")
+      def _loop(info):
+        item, ni = plgpu.planar_snake(info.index[0], (num_valid, grid_n), 1,
+                                      min(t.group_m, num_items_max))
+        grp, start, end = grp_gmem[item], start_gmem[item], end_gmem[item]
+        row0 = pl.multiple_of(jnp.minimum(start // _ROW_ALIGN * _ROW_ALIGN, m - tm), _ROW_ALIGN)
+        col0 = ni * tn + wg * tn_wg
+
+        def context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn_wg), jnp.float32))
+          def _acc(acc_ref):
+            run(acc_ref)
+            acc = acc_ref[...]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem = out_smem.at[wg]
+
+            @pl.when(grp < g)
+            def _product():
+              o_smem[...] = acc.astype(out_dtype)
+
+            @pl.when(grp >= g)
+            def _tail():
+              o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
+
+            plgpu.commit_smem()
+            _ladder_store(o_smem, out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)],
+                          start - row0, end - start, tm)
+
+        def mma(_, a_smem, b_smem, acc_ref):
+          if transpose_rhs:
+            b = b_smem.at[pl.ds(wg * tn_wg, tn_wg), :].transpose((1, 0))
+          else:
+            b = b_smem.at[:, pl.ds(wg * tn_wg, tn_wg)]
+          plgpu.wgmma(acc_ref, a_smem, b)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
+        rhs_view = (rhs_g.at[pl.ds(ni * tn, tn), :] if transpose_rhs
+                    else rhs_g.at[:, pl.ds(ni * tn, tn)])
+        pipeline(mma, context)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_params(interpret))
+  return call(tiles.group, tiles.start, tiles.end, tiles.count, lhs_MK, rhs)
+
+
+def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False,
+        out_dtype=None, tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+  """out[m] = lhs[m] @ rhs[group(m)] (rows past the end zero). See `supports`."""
+  if row_index_M is not None:
+    raise NotImplementedError("pallas_mgpu has no fused row gather; ops routes it elsewhere")
+  t = tiling or DEFAULT_TILING
+  m, k = lhs_XK.shape
+  n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
+  why = supports(lhs_XK.dtype, gather=False, k=k, n=n, t=t, op="gmm")
+  if why:
+    raise ValueError(f"pallas_mgpu gmm cannot run this call: {why}")
+  out_dtype = out_dtype or lhs_XK.dtype
+  m_pad = max(t.tm, -(-m // _ROW_ALIGN) * _ROW_ALIGN)
+  lhs = lhs_XK if m_pad == m else jnp.pad(lhs_XK, ((0, m_pad - m), (0, 0)))
+  tiles = group_aligned_tiles(group_sizes_G, m_pad, t.tm)
+  out = _gmm_call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                  t=t, interpret=interpret)
+  return out[:m]
+
+
+class GroupRowTiles(NamedTuple):
+  start: jax.Array      # int32[G]: first row of each group
+  end: jax.Array        # int32[G]: one past its last row
+  first_tile: jax.Array  # int32[G]: first tm-aligned row tile the group touches
+  num_tiles: jax.Array  # int32[G]: tiles it touches (at least 1, so empty groups write zeros)
+
+
+def group_row_tiles(group_sizes_G: jax.Array, m: int, tm: int) -> GroupRowTiles:
+  sizes = group_sizes_G.astype(jnp.int32)
+  end = jnp.minimum(jnp.cumsum(sizes), m)
+  start = jnp.concatenate([jnp.zeros((1,), jnp.int32), end[:-1]])
+  first = jnp.minimum(start // tm, max(-(-m // tm) - 1, 0))
+  count = jnp.maximum((end + tm - 1) // tm - start // tm, 1)
+  count = jnp.where(end > start, count, 1)
+  return GroupRowTiles(start, end, first.astype(jnp.int32), count.astype(jnp.int32))
+
+
+def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, interpret: bool):
+  m, k = lhs_MK.shape
+  n = rhs_MN.shape[1]
+  g = rows.start.shape[0]
+  tm, tn, tk = t.tm, t.tn, t.tk
+  wgs = t.num_warps // 4
+  tn_wg = tn // wgs
+  grid_k, grid_n = k // tk, n // tn
+  lhs_tr = _swizzled(tk, lhs_MK.dtype)
+  rhs_tr = _swizzled(tn, rhs_MN.dtype)
+
+  def pipeline(body, context, num_steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(num_steps,), memory_registers=_MEMORY_REGISTERS,
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda r: (r, 0), transforms=lhs_tr),
+                  plgpu.BlockSpec((tm, tn), lambda r: (r, 0), transforms=rhs_tr)],
+        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
+        compute_context=context)
+
+  def kernel(start_gmem, end_gmem, first_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore, t.num_stages).get_allocations(lhs_gmem, rhs_gmem),
+        out_smem=plgpu.SMEM((wgs, tk, tn_wg), out_dtype),
+        collective_axes="wg")
+    def _scope(allocs, out_smem):
+      @plgpu.nd_loop((g, grid_k * grid_n), collective_axes="sm")
+      def _loop(info):
+        gi = info.index[0]
+        ki, ni = plgpu.planar_snake(info.index[1], (grid_k, grid_n), 1,
+                                    min(t.group_m, grid_k))
+        start, end = start_gmem[gi], end_gmem[gi]
+        first, count = first_gmem[gi], count_gmem[gi]
+        col0 = ni * tn + wg * tn_wg
+
+        def context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tk, tn_wg), jnp.float32))
+          def _acc(acc_ref):
+            run(acc_ref)
+            acc = acc_ref[...]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg], out_gmem.at[gi, pl.ds(ki * tk, tk), pl.ds(col0, tn_wg)])
+
+        def mma(idx, a_smem, b_smem, acc_ref):
+          (r,) = idx
+          b_wg = b_smem.at[:, pl.ds(wg * tn_wg, tn_wg)]
+          row0 = (first + r) * tm
+
+          @pl.when((r == 0) | (r == count - 1))
+          def _mask_edges():
+            rows = plgpu.broadcasted_iota(jnp.int32, (tm, tn_wg), 0,
+                                          layout=plgpu.Layout.WGMMA) + row0
+            keep = (rows >= start) & (rows < end)
+            b_wg[...] = jnp.where(keep, b_wg[...], jnp.zeros_like(b_wg[...]))
+            plgpu.commit_smem()
+
+          plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_wg)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        pipeline(mma, context, count)(
+            lhs_gmem.at[pl.ds(first * tm, m), pl.ds(ki * tk, tk)],
+            rhs_gmem.at[pl.ds(first * tm, m), pl.ds(ni * tn, tn)], allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+      grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_params(interpret))
+  return call(rows.start, rows.end, rows.first_tile, rows.num_tiles, lhs_MK, rhs_MN)
+
+
+def tgmm(lhs_XK, rhs_MN, group_sizes_G, *, row_index_M=None, out_dtype=None,
+         tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+  """out[g] = lhs[rows of g].T @ rhs[rows of g] -> [G, K, N]; empty groups give zeros."""
+  if row_index_M is not None:
+    raise NotImplementedError("pallas_mgpu has no fused row gather; ops routes it elsewhere")
+  t = tiling or DEFAULT_TGMM_TILING
+  m, n = rhs_MN.shape
+  k = lhs_XK.shape[1]
+  why = supports(lhs_XK.dtype, gather=False, k=k, n=n, t=t, op="tgmm")
+  if why:
+    raise ValueError(f"pallas_mgpu tgmm cannot run this call: {why}")
+  out_dtype = out_dtype or lhs_XK.dtype
+  pad = (-m) % t.tm
+  if pad:  # row tiles are tm-aligned and must stay inside the arrays
+    lhs_XK = jnp.pad(lhs_XK, ((0, pad), (0, 0)))
+    rhs_MN = jnp.pad(rhs_MN, ((0, pad), (0, 0)))
+  rows = group_row_tiles(group_sizes_G, m, t.tm)
+  return _tgmm_call(rows, lhs_XK, rhs_MN.astype(lhs_XK.dtype), out_dtype=out_dtype, t=t,
+                    interpret=interpret)
