@@ -129,15 +129,18 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
   lhs_tr = _swizzled(tk, lhs_MK.dtype)
   rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
   rhs_tr = _swizzled(rhs_block[1], rhs.dtype)
+  # Consecutive tiles of a CTA form one pipeline (the memory warpgroup loads the next tile
+  # while the compute warpgroups finish this one) when the ring divides the K steps.
+  chained = (k // tk) % t.num_stages == 0
 
-  def pipeline(body, context):
+  def pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k // tk,), memory_registers=_MEMORY_REGISTERS,
         in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=lhs_tr),
                   plgpu.BlockSpec(rhs_block, (lambda kk: (0, kk)) if transpose_rhs
                                   else (lambda kk: (kk, 0)), transforms=rhs_tr)],
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
-        compute_context=context)
+        compute_context=context, pipeline_state=state)
 
   def kernel(grp_gmem, start_gmem, end_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
     wg = lax.axis_index("wg")
@@ -146,9 +149,14 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_gmem),
-        out_smem=plgpu.SMEM((wgs, tm, tn_wg), out_dtype),
+        # Full tiles stage their output swizzled (conflict-free stores, one TMA store);
+        # group-edge tiles use a plain view of the same bytes for row-granular stores.
+        out_smem=plgpu.RefUnion(
+            plgpu.SMEM((wgs, tm, tn_wg), out_dtype, transforms=_swizzled(tn_wg, out_dtype)),
+            plgpu.SMEM((wgs, tm, tn_wg), out_dtype)),
         collective_axes="wg")
     def _scope(allocs, out_smem):
+      swz_smem, plain_smem = out_smem
       num_valid = count_gmem[0]
 
       @plgpu.nd_loop((num_valid * grid_n,), collective_axes="sm")
@@ -158,6 +166,7 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         grp, start, end = grp_gmem[item], start_gmem[item], end_gmem[item]
         row0 = pl.multiple_of(jnp.minimum(start // _ROW_ALIGN * _ROW_ALIGN, m - tm), _ROW_ALIGN)
         col0 = ni * tn + wg * tn_wg
+        out_view = out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)]
 
         def context(run):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn_wg), jnp.float32))
@@ -165,19 +174,28 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
             run(acc_ref)
             acc = acc_ref[...]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem = out_smem.at[wg]
+            full = (grp < g) & (start == row0) & (end == row0 + tm)
 
-            @pl.when(grp < g)
-            def _product():
-              o_smem[...] = acc.astype(out_dtype)
+            @pl.when(full)
+            def _full_tile():
+              swz_smem[wg] = acc.astype(out_dtype)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(swz_smem.at[wg], out_view)
 
-            @pl.when(grp >= g)
-            def _tail():
-              o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
+            @pl.when(jnp.logical_not(full))
+            def _edge_tile():
+              o_smem = plain_smem.at[wg]
 
-            plgpu.commit_smem()
-            _ladder_store(o_smem, out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)],
-                          start - row0, end - start, tm)
+              @pl.when(grp < g)
+              def _product():
+                o_smem[...] = acc.astype(out_dtype)
+
+              @pl.when(grp >= g)
+              def _tail():
+                o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
+
+              plgpu.commit_smem()
+              _ladder_store(o_smem, out_view, start - row0, end - start, tm)
 
         def mma(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -188,10 +206,18 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
           plgpu.wgmma_wait(0)
           return acc_ref
 
+        state = None
+        if chained:
+          last = info.num_local_steps - 1
+          state = jnp.where(info.local_index == 0, int(plgpu.PipelinePipeline.START),
+                            jnp.where(info.local_index == last,
+                                      int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
         rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
         rhs_view = (rhs_g.at[pl.ds(ni * tn, tn), :] if transpose_rhs
                     else rhs_g.at[:, pl.ds(ni * tn, tn)])
-        pipeline(mma, context)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view, allocations=allocs)
+        pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view,
+                                      allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

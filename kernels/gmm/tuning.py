@@ -130,8 +130,10 @@ def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
     if op == "tgmm":  # tm: reduction rows; [tk, tn]: output block, tn split over warpgroups
       return [Tiling(64, 256, 128, 8, 3), Tiling(64, 128, 128, 8, 4), Tiling(128, 128, 128, 8, 3),
               Tiling(64, 128, 128, 4, 4), Tiling(64, 256, 64, 8, 4)]
-    return [Tiling(128, 256, 64, 8, 3), Tiling(128, 128, 64, 8, 4), Tiling(128, 128, 64, 4, 4),
-            Tiling(64, 256, 64, 8, 4), Tiling(128, 128, 128, 8, 3), Tiling(256, 128, 64, 8, 3)]
+    # gmm chains the tiles of a CTA into one pipeline when num_stages divides K / tk.
+    return [Tiling(128, 256, 64, 8, 3), Tiling(128, 256, 64, 8, 2), Tiling(128, 128, 64, 8, 4),
+            Tiling(128, 128, 64, 4, 4), Tiling(64, 256, 64, 8, 4), Tiling(128, 128, 128, 8, 3),
+            Tiling(256, 128, 64, 8, 3), Tiling(256, 128, 64, 8, 2)]
   if jnp.dtype(dtype) == jnp.float32:
     return [Tiling(64, 64, 32, 4, 3), Tiling(64, 128, 32, 4, 3), Tiling(128, 64, 32, 8, 3)]
   if op == "tgmm":  # tm is the reduction here, [tk, tn] the output tile
