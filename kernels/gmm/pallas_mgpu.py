@@ -1,6 +1,7 @@
 """Grouped matmul in Pallas Mosaic GPU for Hopper: TMA loads, wgmma, warp specialisation.
 
-One persistent CTA per SM walks a work list. Each CTA runs one memory warpgroup (TMA loads
+`ctas_per_sm` persistent CTAs per SM (1, or 2 small-tile CTAs whose epilogues overlap each
+other's main loops) walk a work list. Each CTA runs one memory warpgroup (TMA loads
 into a `num_stages`-deep shared-memory ring) and `num_warps // 4` compute warpgroups, each
 owning `tn / wgs` output columns of the tile and issuing wgmma on the shared tiles.
 
@@ -223,7 +224,7 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
 
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      grid=(_num_sms(interpret) * t.ctas_per_sm,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_params(interpret))
@@ -341,7 +342,7 @@ def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, int
 
   call = plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      grid=(_num_sms(interpret) * t.ctas_per_sm,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_params(interpret))

@@ -16,9 +16,10 @@ class Tiling:
   num_warps: int = 4     # GPU (Triton) only
   num_stages: int = 3    # GPU (Triton) only
   group_m: int = 8       # GPU: row items per L2 swizzle band
+  ctas_per_sm: int = 1   # pallas_mgpu only: persistent CTAs per SM (2 overlap epilogues)
 
   def __post_init__(self):
-    for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m"):
+    for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m", "ctas_per_sm"):
       if getattr(self, name) <= 0:
         raise ValueError(f"Tiling.{name}={getattr(self, name)} must be positive")
 

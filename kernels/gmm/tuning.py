@@ -129,11 +129,14 @@ def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
     # All fit Hopper's 227 KiB of shared memory: stages x (A + B tile) + output staging.
     if op == "tgmm":  # tm: reduction rows; [tk, tn]: output block, tn split over warpgroups
       return [Tiling(64, 256, 128, 8, 3), Tiling(64, 128, 128, 8, 4), Tiling(128, 128, 128, 8, 3),
-              Tiling(64, 128, 128, 4, 4), Tiling(64, 256, 64, 8, 4)]
+              Tiling(64, 128, 128, 4, 4), Tiling(64, 256, 64, 8, 4),
+              Tiling(64, 128, 128, 8, 2, ctas_per_sm=2), Tiling(64, 128, 64, 8, 3, ctas_per_sm=2)]
     # gmm chains the tiles of a CTA into one pipeline when num_stages divides K / tk.
     return [Tiling(128, 256, 64, 8, 3), Tiling(128, 256, 64, 8, 2), Tiling(128, 128, 64, 8, 4),
             Tiling(128, 128, 64, 4, 4), Tiling(64, 256, 64, 8, 4), Tiling(128, 128, 128, 8, 3),
-            Tiling(256, 128, 64, 8, 3), Tiling(256, 128, 64, 8, 2)]
+            Tiling(256, 128, 64, 8, 3), Tiling(256, 128, 64, 8, 2),
+            # two CTAs per SM, each under half the shared memory
+            Tiling(128, 128, 64, 8, 2, ctas_per_sm=2), Tiling(64, 128, 64, 8, 3, ctas_per_sm=2)]
   if jnp.dtype(dtype) == jnp.float32:
     return [Tiling(64, 64, 32, 4, 3), Tiling(64, 128, 32, 4, 3), Tiling(128, 64, 32, 8, 3)]
   if op == "tgmm":  # tm is the reduction here, [tk, tn] the output tile
@@ -144,14 +147,20 @@ def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
 
 
 def time_fn(fn: Callable[[], jax.Array], iters: int = 10) -> float:
-  """Median seconds of fn() after a warm-up (host clock around block_until_ready)."""
+  """Median per-call seconds of fn(): `iters` back-to-back dispatches per sample (one sync
+  at the end, so host dispatch overlaps the kernels), 5 samples, after a warm-up. A sync
+  per call would add ~0.1 ms of host latency and hide the difference between tilings of
+  short kernels."""
   jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
+  samples = []
+  for _ in range(5):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
+    out = None
+    for _ in range(iters):
+      out = fn()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / iters)
+  return sorted(samples)[len(samples) // 2]
 
 
 def autotune(cache_key: str, make_fn: Callable[[Tiling], Callable[[], jax.Array]],
