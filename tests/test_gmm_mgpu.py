@@ -1,0 +1,156 @@
+"""The Hopper Mosaic-GPU grouped matmul (kernels/gmm/pallas_mgpu) on CPU.
+
+The kernels run in Pallas' GPU interpreter (shared memory, TMA, barriers and warpgroups
+simulated; an out-of-bounds copy or a barrier misuse raises). Every output element is
+compared with a float64 numpy reference, so an element the kernel never wrote fails too.
+They are also lowered to Mosaic GPU for a CUDA target, which catches layout and
+shared-memory errors that the interpreter does not model.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openmoe_jax.kernels import gmm as gmm_lib
+from openmoe_jax.kernels.gmm import pallas_mgpu as mg
+from openmoe_jax.kernels.gmm.tiling import Tiling
+
+# tm 64 rows, 2 compute warpgroups of 64 columns; K = 192 is 3 steps of 64, so with 3
+# stages a CTA's tiles form one chained pipeline.
+GMM_T = Tiling(tm=64, tn=128, tk=64, num_warps=8, num_stages=3, group_m=2)
+TGMM_T = Tiling(tm=64, tn=128, tk=64, num_warps=8, num_stages=2, group_m=2)
+M, K, N = 520, 192, 128
+SIZES = {
+    "ragged": [37, 0, 200, 64, 150],   # empty group, group edges off the 8-row grid, tail rows
+    "aligned": [128, 64, 0, 192, 136],  # full tiles (one swizzled TMA store each)
+}
+
+
+def _np_gmm(lhs, rhs, gs):
+  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+  out, start = np.zeros((lhs.shape[0], rhs.shape[2])), 0
+  for g, size in enumerate(gs):
+    out[start:start + size] = lhs[start:start + size] @ rhs[g]
+    start += size
+  return out
+
+
+def _np_tgmm(lhs, dy, gs):
+  lhs, dy = np.asarray(lhs, np.float64), np.asarray(dy, np.float64)
+  out, start = np.zeros((len(gs), lhs.shape[1], dy.shape[1])), 0
+  for g, size in enumerate(gs):
+    out[g] = lhs[start:start + size].T @ dy[start:start + size]
+    start += size
+  return out
+
+
+def _inputs(seed):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  lhs = jax.random.normal(k1, (M, K), jnp.float32).astype(jnp.bfloat16)
+  rhs = (jax.random.normal(k2, (5, K, N), jnp.float32) / np.sqrt(K)).astype(jnp.bfloat16)
+  dy = jax.random.normal(k3, (M, N), jnp.float32).astype(jnp.bfloat16)
+  return lhs, rhs, dy
+
+
+def _rel(x, ref):
+  x = np.asarray(x, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+  yield
+  # After a failed interpreted kernel the interpreter's state must be reset.
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # noqa: PLC0415
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+
+
+@pytest.mark.parametrize("case", sorted(SIZES))
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gmm_matches_float64(case, transpose_rhs):
+  gs = SIZES[case]
+  lhs, rhs, _ = _inputs(1)
+  w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+  out = mg.gmm(lhs, w, jnp.array(gs, jnp.int32), transpose_rhs=transpose_rhs,
+               tiling=GMM_T, interpret=True)
+  ref = _np_gmm(lhs, rhs, gs)
+  assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+  assert _rel(out, ref) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)  # tail rows
+
+
+def test_tgmm_matches_float64():
+  gs = SIZES["ragged"]
+  lhs, _, dy = _inputs(2)
+  out = mg.tgmm(lhs, dy, jnp.array(gs, jnp.int32), tiling=TGMM_T, interpret=True,
+                out_dtype=jnp.float32)
+  ref = _np_tgmm(lhs, dy, gs)
+  assert _rel(out, ref) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[1]), 0.0)  # the empty group
+
+
+def test_group_aligned_tiles_cover_each_row_once():
+  gs = jnp.array([37, 0, 200, 64, 150, 9], jnp.int32)
+  m, tm = 540, 64
+  tiles = mg.group_aligned_tiles(gs, m, tm)
+  n = int(tiles.count[0])
+  grp, start, end = (np.asarray(a)[:n] for a in (tiles.group, tiles.start, tiles.end))
+  cover = np.zeros(m, int)
+  owner = np.full(m, -1)
+  for g_, s, e in zip(grp, start, end):
+    assert s < e and e - s <= tm and e - (s // 8 * 8) <= tm  # fits one aligned tile load
+    cover[s:e] += 1
+    owner[s:e] = g_
+  np.testing.assert_array_equal(cover, 1)
+  bounds = np.concatenate([[0], np.cumsum(np.asarray(gs))])
+  expect = np.searchsorted(bounds, np.arange(m), side="right") - 1
+  expect = np.where(np.arange(m) >= bounds[-1], len(gs), expect)  # tail group G
+  np.testing.assert_array_equal(owner, expect)
+
+
+def test_ops_routes_and_differentiates():
+  """backend="pallas_mgpu" through the custom VJP: bf16 plain calls use the Mosaic kernels,
+  a fused gather goes to the Triton-lowered kernel; gradients match float64."""
+  gs = SIZES["ragged"]
+  lhs, rhs, dy = _inputs(3)
+  gs_j = jnp.array(gs, jnp.int32)
+  f = lambda a, b: gmm_lib.gmm(a, b, gs_j, backend="pallas_mgpu", interpret=True)
+  y, vjp = jax.vjp(f, lhs, rhs)
+  dlhs, drhs = vjp(dy)
+  w64 = np.asarray(rhs, np.float64)
+  assert _rel(y, _np_gmm(lhs, rhs, gs)) <= 1e-2
+  assert _rel(dlhs, _np_gmm(dy, np.swapaxes(w64, 1, 2), gs)) <= 1e-2
+  assert _rel(drhs, _np_tgmm(lhs, dy, gs)) <= 1e-2
+  ri = jax.random.permutation(jax.random.key(4), M)
+  out = gmm_lib.gmm(lhs, rhs, gs_j, backend="pallas_mgpu", interpret=True, row_index=ri)
+  assert _rel(out, _np_gmm(np.asarray(lhs, np.float64)[np.asarray(ri)], rhs, gs)) <= 1e-2
+
+
+def test_supports_explains_refusals():
+  ok = dict(gather=False, k=1024, n=256, op="gmm")
+  assert mg.supports(jnp.bfloat16, t=GMM_T, **ok) is None
+  assert "gather" in mg.supports(jnp.bfloat16, t=GMM_T, **{**ok, "gather": True})
+  assert "float32" in mg.supports(jnp.float32, t=GMM_T, **ok)
+  assert "N=200" in mg.supports(jnp.bfloat16, t=GMM_T, **{**ok, "n": 200})
+  with pytest.raises(ValueError, match="cannot run"):
+    mg.gmm(jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((2, 100, 128), jnp.bfloat16),
+           jnp.array([32, 32]), tiling=GMM_T, interpret=True)
+
+
+@pytest.mark.parametrize("op", ["gmm", "gmm_t", "tgmm"])
+def test_lowers_to_mosaic_gpu_at_bench_shapes(op):
+  """The H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB of
+  shared memory) without a GPU."""
+  s = jax.ShapeDtypeStruct
+  m, k, n, g = 32768, 2048, 8192, 32
+  if op == "tgmm":
+    fn = functools.partial(mg.tgmm, tiling=Tiling(64, 256, 128, 8, 3))
+    args = (s((m, k), jnp.bfloat16), s((m, n), jnp.bfloat16))
+  else:
+    fn = functools.partial(mg.gmm, transpose_rhs=op == "gmm_t", tiling=Tiling(128, 256, 64, 8, 3))
+    args = (s((m, k), jnp.bfloat16),
+            s((g, n, k) if op == "gmm_t" else (g, k, n), jnp.bfloat16))
+  lowered = jax.jit(fn).trace(*args, s((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "@mosaic_gpu" in lowered.as_text()
