@@ -91,6 +91,20 @@ def test_tgmm_matches_float64():
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)  # the empty group
 
 
+@pytest.mark.parametrize("m", [44, 100])
+def test_row_counts_off_the_tile_grid(m):
+  """M below one tile (44) or not a multiple of 8 (100): the wrappers pad rows (gmm to the
+  8-row grid and at least one tile, tgmm to whole tiles) and slice the padding off."""
+  lhs, rhs, dy = (a[:m] if a.ndim == 2 else a for a in _inputs(5))
+  gs = [m // 3, 0, m // 3, 5, 0]
+  out = mg.gmm(lhs, rhs, jnp.array(gs, jnp.int32), tiling=GMM_T, interpret=True)
+  assert out.shape == (m, N) and _rel(out, _np_gmm(lhs, rhs, gs)) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)
+  dw = mg.tgmm(lhs, dy, jnp.array(gs, jnp.int32), tiling=TGMM_T, interpret=True,
+               out_dtype=jnp.float32)
+  assert _rel(dw, _np_tgmm(lhs, dy, gs)) <= 1e-2
+
+
 def test_group_aligned_tiles_cover_each_row_once():
   gs = jnp.array([37, 0, 200, 64, 150, 9], jnp.int32)
   m, tm = 540, 64
