@@ -71,8 +71,14 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _params(interpret: bool):
-  return plgpu.InterpretGPUParams() if interpret else False
+def _launch(kernel, out_type, t: Tiling, interpret: bool):
+  """Persistent launch: ctas_per_sm CTAs per SM, each one memory + num_warps/4 compute
+  warpgroups (axis "wg"); `interpret` runs Pallas' GPU interpreter instead."""
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(_num_sms(interpret) * t.ctas_per_sm,),
+      grid_names=("sm",), num_threads=t.num_warps // 4 + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
 
 
 class TileList(NamedTuple):
@@ -103,6 +109,20 @@ def group_aligned_tiles(group_sizes_G: jax.Array, m: int, tm: int) -> TileList:
   start = jnp.maximum(tile0, starts[grp])
   end = jnp.minimum(tile0 + tm, ends[grp])
   return TileList(grp, start, end, cum[-1:].astype(jnp.int32))
+
+
+def _accumulating(shape: tuple[int, int], epilogue):
+  """Pipeline compute context: a float32 wgmma accumulator of `shape`, zeroed, filled by the
+  pipeline, then handed to `epilogue` once this warpgroup's previous TMA store has finished
+  reading its staging buffer."""
+  def context(run):
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.float32))
+    def _acc(acc_ref):
+      run(acc_ref)
+      acc = acc_ref[...]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      epilogue(acc)
+  return context
 
 
 def _ladder_store(src_smem, dst_gmem, row_offset, num_rows, max_rows: int):
@@ -169,34 +189,29 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         col0 = ni * tn + wg * tn_wg
         out_view = out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)]
 
-        def context(run):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn_wg), jnp.float32))
-          def _acc(acc_ref):
-            run(acc_ref)
-            acc = acc_ref[...]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            full = (grp < g) & (start == row0) & (end == row0 + tm)
+        def epilogue(acc):
+          full = (grp < g) & (start == row0) & (end == row0 + tm)
 
-            @pl.when(full)
-            def _full_tile():
-              swz_smem[wg] = acc.astype(out_dtype)
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(swz_smem.at[wg], out_view)
+          @pl.when(full)
+          def _full_tile():
+            swz_smem[wg] = acc.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(swz_smem.at[wg], out_view)
 
-            @pl.when(jnp.logical_not(full))
-            def _edge_tile():
-              o_smem = plain_smem.at[wg]
+          @pl.when(jnp.logical_not(full))
+          def _edge_tile():
+            o_smem = plain_smem.at[wg]
 
-              @pl.when(grp < g)
-              def _product():
-                o_smem[...] = acc.astype(out_dtype)
+            @pl.when(grp < g)
+            def _product():
+              o_smem[...] = acc.astype(out_dtype)
 
-              @pl.when(grp >= g)
-              def _tail():
-                o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
+            @pl.when(grp >= g)
+            def _tail():
+              o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
 
-              plgpu.commit_smem()
-              _ladder_store(o_smem, out_view, start - row0, end - start, tm)
+            plgpu.commit_smem()
+            _ladder_store(o_smem, out_view, start - row0, end - start, tm)
 
         def mma(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -217,17 +232,12 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
         rhs_view = (rhs_g.at[pl.ds(ni * tn, tn), :] if transpose_rhs
                     else rhs_g.at[:, pl.ds(ni * tn, tn)])
-        pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view,
+        pipeline(mma, _accumulating((tm, tn_wg), epilogue), state)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view,
                                       allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_sms(interpret) * t.ctas_per_sm,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_params(interpret))
+  call = _launch(kernel, jax.ShapeDtypeStruct((m, n), out_dtype), t, interpret)
   return call(tiles.group, tiles.start, tiles.end, tiles.count, lhs_MK, rhs)
 
 
@@ -306,16 +316,11 @@ def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, int
         first, count = first_gmem[gi], count_gmem[gi]
         col0 = ni * tn + wg * tn_wg
 
-        def context(run):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tk, tn_wg), jnp.float32))
-          def _acc(acc_ref):
-            run(acc_ref)
-            acc = acc_ref[...]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = acc.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg], out_gmem.at[gi, pl.ds(ki * tk, tk), pl.ds(col0, tn_wg)])
+        def epilogue(acc):
+          out_smem[wg] = acc.astype(out_dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[wg], out_gmem.at[gi, pl.ds(ki * tk, tk), pl.ds(col0, tn_wg)])
 
         def mma(idx, a_smem, b_smem, acc_ref):
           (r,) = idx
@@ -334,18 +339,13 @@ def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, int
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        pipeline(mma, context, count)(
+        pipeline(mma, _accumulating((tk, tn_wg), epilogue), count)(
             lhs_gmem.at[pl.ds(first * tm, m), pl.ds(ki * tk, tk)],
             rhs_gmem.at[pl.ds(first * tm, m), pl.ds(ni * tn, tn)], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid=(_num_sms(interpret) * t.ctas_per_sm,), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_params(interpret))
+  call = _launch(kernel, jax.ShapeDtypeStruct((g, k, n), out_dtype), t, interpret)
   return call(rows.start, rows.end, rows.first_tile, rows.num_tiles, lhs_MK, rhs_MN)
 
 
