@@ -177,6 +177,25 @@ def check_backend(backend: str, dtype, key) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- benchmark
+def sampled_fwd_err(y, x, w, gs, num_groups: int = 4) -> float:
+  """Relative error of y = gmm(x, w, gs) on the rows of a few groups (first, last and evenly
+  spaced non-empty ones; each one float32 matmul) and on the tail rows, which must be zero.
+  A full float32 reference would not fit on the device at the bench shapes."""
+  sizes = np.asarray(gs)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  nonempty = np.flatnonzero(sizes)
+  picks = nonempty[np.unique(np.linspace(0, len(nonempty) - 1, num_groups).astype(int))]
+  num, den = 0.0, 0.0
+  for g in picks:
+    rows = slice(int(starts[g]), int(starts[g + 1]))
+    ref = jnp.dot(x[rows].astype(jnp.float32), w[g].astype(jnp.float32),
+                  precision=jax.lax.Precision.HIGHEST)
+    num += float(jnp.sum((y[rows].astype(jnp.float32) - ref) ** 2))
+    den += float(jnp.sum(ref ** 2))
+  num += float(jnp.sum(y[int(starts[-1]):].astype(jnp.float32) ** 2))
+  return float(np.sqrt(num / max(den, 1e-30)))
+
+
 def mgpu_unfit(t: Tiling, op: str, m: int, k: int, n: int) -> bool:
   from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
   return pallas_mgpu.supports(jnp.bfloat16, gather=False, k=k, n=n, t=t, op=op.split("_")[0]) is not None
@@ -246,11 +265,7 @@ def bench_shape(shape, backends, key, args) -> list[tuple]:
         print(f"  {name} {phase} failed: {type(ex).__name__}: {msg}")
         res[phase] = float("nan")
     if name not in ("jax.lax.ragged_dot",) and not np.isnan(res["fwd"]):
-      y = fwd(x, w, gs)
-      ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), gs,
-                               precision=jax.lax.Precision.HIGHEST)
-      note = (note + f" fwd_rel_err={rel_err(y, ref):.1e}").strip()
-      del y, ref
+      note = (note + f" fwd_rel_err={sampled_fwd_err(fwd(x, w, gs), x, w, gs):.1e}").strip()
     rows.append((name, note, res))
     print_rows(shape, flops, base, rows[-1:])
   return [(shape, flops, base, rows)]

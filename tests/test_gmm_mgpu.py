@@ -67,24 +67,38 @@ def _fresh_interpreter():
   interpret_pallas_call.reset_gpu_interpret_mode_state()
 
 
+# Ping-pong: each compute warpgroup owns whole tiles; 4 stages over 3 K steps per tile, so
+# ring slots carry over from one tile to the next. Cluster: CTA pairs on adjacent column
+# tiles share the lhs tile (multicast).
+SCHEDULES = {
+    "cooperative": GMM_T,
+    "pingpong": Tiling(tm=64, tn=128, tk=64, num_warps=8, num_stages=4, group_m=2, pingpong=1),
+    "cluster": Tiling(tm=64, tn=64, tk=64, num_warps=4, num_stages=3, group_m=2, cluster=2),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("case", sorted(SIZES))
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-def test_gmm_matches_float64(case, transpose_rhs):
+def test_gmm_matches_float64(case, transpose_rhs, schedule):
   gs = SIZES[case]
   lhs, rhs, _ = _inputs(1)
   w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
   out = mg.gmm(lhs, w, jnp.array(gs, jnp.int32), transpose_rhs=transpose_rhs,
-               tiling=GMM_T, interpret=True)
+               tiling=SCHEDULES[schedule], interpret=True)
   ref = _np_gmm(lhs, rhs, gs)
   assert out.shape == (M, N) and out.dtype == jnp.bfloat16
   assert _rel(out, ref) <= 1e-2
   np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)  # tail rows
 
 
-def test_tgmm_matches_float64():
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_tgmm_matches_float64(cluster):
   gs = SIZES["ragged"]
   lhs, _, dy = _inputs(2)
-  out = mg.tgmm(lhs, dy, jnp.array(gs, jnp.int32), tiling=TGMM_T, interpret=True,
+  t = TGMM_T if cluster == 1 else Tiling(tm=64, tn=64, tk=64, num_warps=4, num_stages=2,
+                                         group_m=2, cluster=2)
+  out = mg.tgmm(lhs, dy, jnp.array(gs, jnp.int32), tiling=t, interpret=True,
                 out_dtype=jnp.float32)
   ref = _np_tgmm(lhs, dy, gs)
   assert _rel(out, ref) <= 1e-2
@@ -148,22 +162,29 @@ def test_supports_explains_refusals():
   assert "gather" in mg.supports(jnp.bfloat16, t=GMM_T, **{**ok, "gather": True})
   assert "float32" in mg.supports(jnp.float32, t=GMM_T, **ok)
   assert "N=200" in mg.supports(jnp.bfloat16, t=GMM_T, **{**ok, "n": 200})
+  assert "tn * cluster" in mg.supports(jnp.bfloat16, t=SCHEDULES["cluster"], **{**ok, "n": 192})
+  big_ring = Tiling(128, 128, 128, 8, 4, pingpong=1)  # 4 x 64 KiB of stages
+  assert "ring" in mg.supports(jnp.bfloat16, t=big_ring, **ok)
+  assert "registers" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 64, 8, 2, pingpong=1), **ok)
   with pytest.raises(ValueError, match="cannot run"):
     mg.gmm(jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((2, 100, 128), jnp.bfloat16),
            jnp.array([32, 32]), tiling=GMM_T, interpret=True)
 
 
-@pytest.mark.parametrize("op", ["gmm", "gmm_t", "tgmm"])
-def test_lowers_to_mosaic_gpu_at_bench_shapes(op):
-  """The H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB of
-  shared memory) without a GPU."""
+@pytest.mark.parametrize("op,tiling", [
+    ("gmm", Tiling(128, 256, 64, 8, 3)), ("gmm", Tiling(128, 256, 64, 8, 3, cluster=2)),
+    ("gmm", Tiling(128, 128, 64, 8, 6, pingpong=1)), ("gmm_t", Tiling(128, 256, 64, 8, 3)),
+    ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3))])
+def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
+  """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
+  of shared memory, clusters) without a GPU."""
   s = jax.ShapeDtypeStruct
   m, k, n, g = 32768, 2048, 8192, 32
   if op == "tgmm":
-    fn = functools.partial(mg.tgmm, tiling=Tiling(64, 256, 128, 8, 3))
+    fn = functools.partial(mg.tgmm, tiling=tiling)
     args = (s((m, k), jnp.bfloat16), s((m, n), jnp.bfloat16))
   else:
-    fn = functools.partial(mg.gmm, transpose_rhs=op == "gmm_t", tiling=Tiling(128, 256, 64, 8, 3))
+    fn = functools.partial(mg.gmm, transpose_rhs=op == "gmm_t", tiling=tiling)
     args = (s((m, k), jnp.bfloat16),
             s((g, n, k) if op == "gmm_t" else (g, k, n), jnp.bfloat16))
   lowered = jax.jit(fn).trace(*args, s((g,), jnp.int32)).lower(lowering_platforms=("cuda",))

@@ -23,3 +23,16 @@ def test_phase_fns_compute_the_same_products():
   ref = jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   assert int(gs.sum()) == 128
+
+
+def test_sampled_fwd_err_sees_wrong_rows_and_tail():
+  """The bench's forward check (a few groups' rows against float32, tail rows zero) is
+  small for a correct result and large when a checked row or a tail row is wrong."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  gs = jnp.array([5, 0, 17, 9, 3], jnp.int32)
+  x = jax.random.normal(k1, (40, 16), jnp.bfloat16)
+  w = jax.random.normal(k2, (5, 16, 8), jnp.bfloat16)
+  y = gmm_lib.gmm(x, w, gs, backend="reference")
+  assert bench.sampled_fwd_err(y, x, w, gs) < 1e-2
+  assert bench.sampled_fwd_err(y.at[20].add(3.0), x, w, gs) > 5e-2  # a row of group 2
+  assert bench.sampled_fwd_err(y.at[39].set(1.0), x, w, gs) > 1e-2  # a tail row

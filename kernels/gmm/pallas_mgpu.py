@@ -4,6 +4,9 @@
 other's main loops) walk a work list. Each CTA runs one memory warpgroup (TMA loads
 into a `num_stages`-deep shared-memory ring) and `num_warps // 4` compute warpgroups, each
 owning `tn / wgs` output columns of the tile and issuing wgmma on the shared tiles.
+With `cluster=2`, CTA pairs take adjacent column tiles of the same rows and the lhs tile is
+loaded once for both (TMA multicast), which cuts L2 traffic by a sixth at 128 x 256 tiles.
+`pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead.
 
 gmm: a work item is `tm` rows of one group, starting at the group's first row (tiles are
 aligned to groups, not to the row grid, so a group of s rows costs ceil(s / tm) tiles and a
@@ -34,7 +37,7 @@ from openmoe_jax.kernels.gmm.tiling import Tiling
 DEFAULT_TILING = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, group_m=8)
 DEFAULT_TGMM_TILING = Tiling(tm=64, tn=256, tk=128, num_warps=8, num_stages=3, group_m=8)
 _MEMORY_REGISTERS = 40
-_ROW_ALIGN = 8  # row starts of TMA tile loads are multiples of the 8-row smem tiling
+ROW_ALIGN = 8  # row starts of TMA tile loads are multiples of the 8-row smem tiling
 
 
 def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> str | None:
@@ -55,17 +58,24 @@ def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> 
     return f"K={k} not a multiple of tk={red}"
   if n % t.tn:
     return f"N={n} not a multiple of tn={t.tn}"
+  if t.cluster not in (1, 2) or (t.cluster == 2 and t.pingpong and op != "tgmm"):
+    return f"tiling {t} (clusters of 1 or 2 CTAs, not with ping-pong)"
+  if n % (t.tn * t.cluster):
+    return f"N={n} not a multiple of tn * cluster={t.tn * t.cluster}"
   del out_rows
+  if t.pingpong and op != "tgmm":
+    from openmoe_jax.kernels.gmm import pallas_mgpu_pingpong  # noqa: PLC0415 - imports us
+    return pallas_mgpu_pingpong.unfit(t, jnp.dtype(lhs_dtype).itemsize)
   return None
 
 
-def _num_sms(interpret: bool) -> int:
+def num_sms(interpret: bool) -> int:
   if interpret:
     return 4
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _swizzled(minor_elems: int, dtype) -> tuple:
+def swizzled(minor_elems: int, dtype) -> tuple:
   itemsize = jnp.dtype(dtype).itemsize
   swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -73,10 +83,12 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
 
 def _launch(kernel, out_type, t: Tiling, interpret: bool):
   """Persistent launch: ctas_per_sm CTAs per SM, each one memory + num_warps/4 compute
-  warpgroups (axis "wg"); `interpret` runs Pallas' GPU interpreter instead."""
+  warpgroups (axis "wg"), in clusters of t.cluster CTAs (axis "cluster"; grid axis "sm"
+  counts clusters); `interpret` runs Pallas' GPU interpreter instead."""
+  cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}
   return plgpu.kernel(
-      kernel, out_type=out_type, grid=(_num_sms(interpret) * t.ctas_per_sm,),
-      grid_names=("sm",), num_threads=t.num_warps // 4 + 1, thread_name="wg",
+      kernel, out_type=out_type, grid=(num_sms(interpret) * t.ctas_per_sm // t.cluster,),
+      grid_names=("sm",), num_threads=t.num_warps // 4 + 1, thread_name="wg", **cluster,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else False)
 
@@ -97,7 +109,7 @@ def group_aligned_tiles(group_sizes_G: jax.Array, m: int, tm: int) -> TileList:
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   starts = jnp.concatenate([starts, ends[-1:]])               # the tail group
   ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
-  base = starts // _ROW_ALIGN * _ROW_ALIGN
+  base = starts // ROW_ALIGN * ROW_ALIGN
   count = jnp.where(ends > starts, (ends - base + tm - 1) // tm, 0)
   cum = jnp.cumsum(count)
   num = -(-m // tm) + 2 * (sizes.shape[0] + 1)
@@ -125,7 +137,7 @@ def _accumulating(shape: tuple[int, int], epilogue):
   return context
 
 
-def _ladder_store(src_smem, dst_gmem, row_offset, num_rows, max_rows: int):
+def ladder_store(src_smem, dst_gmem, row_offset, num_rows, max_rows: int):
   """TMA-stores src_smem[row_offset : row_offset + num_rows] (num_rows <= max_rows, a
   run-time value) to the same rows of dst_gmem, as power-of-two row blocks."""
   done = row_offset
@@ -145,11 +157,11 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
   tm, tn, tk = t.tm, t.tn, t.tk
   wgs = t.num_warps // 4
   tn_wg = tn // wgs
-  grid_n = n // tn
+  grid_nc = n // tn // t.cluster  # column tiles of a cluster
   num_items_max = tiles.group.shape[0]
-  lhs_tr = _swizzled(tk, lhs_MK.dtype)
+  lhs_tr = swizzled(tk, lhs_MK.dtype)
   rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
-  rhs_tr = _swizzled(rhs_block[1], rhs.dtype)
+  rhs_tr = swizzled(rhs_block[1], rhs.dtype)
   # Consecutive tiles of a CTA form one pipeline (the memory warpgroup loads the next tile
   # while the compute warpgroups finish this one) when the ring divides the K steps.
   chained = (k // tk) % t.num_stages == 0
@@ -157,7 +169,10 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
   def pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k // tk,), memory_registers=_MEMORY_REGISTERS,
-        in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=lhs_tr),
+        # In a cluster, the CTAs take adjacent column tiles of the same rows: the lhs tile
+        # is loaded once (each CTA fetches part of it) and multicast to both.
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=lhs_tr,
+                                  collective_axes=("cluster",) if t.cluster > 1 else ()),
                   plgpu.BlockSpec(rhs_block, (lambda kk: (0, kk)) if transpose_rhs
                                   else (lambda kk: (kk, 0)), transforms=rhs_tr)],
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
@@ -173,19 +188,20 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         # Full tiles stage their output swizzled (conflict-free stores, one TMA store);
         # group-edge tiles use a plain view of the same bytes for row-granular stores.
         out_smem=plgpu.RefUnion(
-            plgpu.SMEM((wgs, tm, tn_wg), out_dtype, transforms=_swizzled(tn_wg, out_dtype)),
+            plgpu.SMEM((wgs, tm, tn_wg), out_dtype, transforms=swizzled(tn_wg, out_dtype)),
             plgpu.SMEM((wgs, tm, tn_wg), out_dtype)),
         collective_axes="wg")
     def _scope(allocs, out_smem):
       swz_smem, plain_smem = out_smem
       num_valid = count_gmem[0]
 
-      @plgpu.nd_loop((num_valid * grid_n,), collective_axes="sm")
+      @plgpu.nd_loop((num_valid * grid_nc,), collective_axes="sm")
       def _loop(info):
-        item, ni = plgpu.planar_snake(info.index[0], (num_valid, grid_n), 1,
+        item, nc = plgpu.planar_snake(info.index[0], (num_valid, grid_nc), 1,
                                       min(t.group_m, num_items_max))
+        ni = nc * t.cluster + (lax.axis_index("cluster") if t.cluster > 1 else 0)
         grp, start, end = grp_gmem[item], start_gmem[item], end_gmem[item]
-        row0 = pl.multiple_of(jnp.minimum(start // _ROW_ALIGN * _ROW_ALIGN, m - tm), _ROW_ALIGN)
+        row0 = pl.multiple_of(jnp.minimum(start // ROW_ALIGN * ROW_ALIGN, m - tm), ROW_ALIGN)
         col0 = ni * tn + wg * tn_wg
         out_view = out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)]
 
@@ -211,7 +227,7 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
               o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
 
             plgpu.commit_smem()
-            _ladder_store(o_smem, out_view, start - row0, end - start, tm)
+            ladder_store(o_smem, out_view, start - row0, end - start, tm)
 
         def mma(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:
@@ -253,10 +269,14 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   if why:
     raise ValueError(f"pallas_mgpu gmm cannot run this call: {why}")
   out_dtype = out_dtype or lhs_XK.dtype
-  m_pad = max(t.tm, -(-m // _ROW_ALIGN) * _ROW_ALIGN)
+  m_pad = max(t.tm, -(-m // ROW_ALIGN) * ROW_ALIGN)
   lhs = lhs_XK if m_pad == m else jnp.pad(lhs_XK, ((0, m_pad - m), (0, 0)))
   tiles = group_aligned_tiles(group_sizes_G, m_pad, t.tm)
-  out = _gmm_call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+  call = _gmm_call
+  if t.pingpong:
+    from openmoe_jax.kernels.gmm import pallas_mgpu_pingpong  # noqa: PLC0415 - imports us
+    call = pallas_mgpu_pingpong.gmm_call
+  out = call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                   t=t, interpret=interpret)
   return out[:m]
 
@@ -285,14 +305,15 @@ def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, int
   tm, tn, tk = t.tm, t.tn, t.tk
   wgs = t.num_warps // 4
   tn_wg = tn // wgs
-  grid_k, grid_n = k // tk, n // tn
-  lhs_tr = _swizzled(tk, lhs_MK.dtype)
-  rhs_tr = _swizzled(tn, rhs_MN.dtype)
+  grid_k, grid_nc = k // tk, n // tn // t.cluster
+  lhs_tr = swizzled(tk, lhs_MK.dtype)
+  rhs_tr = swizzled(tn, rhs_MN.dtype)
 
   def pipeline(body, context, num_steps):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(num_steps,), memory_registers=_MEMORY_REGISTERS,
-        in_specs=[plgpu.BlockSpec((tm, tk), lambda r: (r, 0), transforms=lhs_tr),
+        in_specs=[plgpu.BlockSpec((tm, tk), lambda r: (r, 0), transforms=lhs_tr,
+                                  collective_axes=("cluster",) if t.cluster > 1 else ()),
                   plgpu.BlockSpec((tm, tn), lambda r: (r, 0), transforms=rhs_tr)],
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
         compute_context=context)
@@ -307,11 +328,12 @@ def _tgmm_call(rows: GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling, int
         out_smem=plgpu.SMEM((wgs, tk, tn_wg), out_dtype),
         collective_axes="wg")
     def _scope(allocs, out_smem):
-      @plgpu.nd_loop((g, grid_k * grid_n), collective_axes="sm")
+      @plgpu.nd_loop((g, grid_k * grid_nc), collective_axes="sm")
       def _loop(info):
         gi = info.index[0]
-        ki, ni = plgpu.planar_snake(info.index[1], (grid_k, grid_n), 1,
+        ki, nc = plgpu.planar_snake(info.index[1], (grid_k, grid_nc), 1,
                                     min(t.group_m, grid_k))
+        ni = nc * t.cluster + (lax.axis_index("cluster") if t.cluster > 1 else 0)
         start, end = start_gmem[gi], end_gmem[gi]
         first, count = first_gmem[gi], count_gmem[gi]
         col0 = ni * tn + wg * tn_wg

@@ -17,9 +17,11 @@ class Tiling:
   num_stages: int = 3    # GPU (Triton) only
   group_m: int = 8       # GPU: row items per L2 swizzle band
   ctas_per_sm: int = 1   # pallas_mgpu only: persistent CTAs per SM (2 overlap epilogues)
+  pingpong: int = 0      # pallas_mgpu gmm only: 1 = each compute warpgroup owns whole tiles
+  cluster: int = 1       # pallas_mgpu gmm only: 2 = CTA pairs share the lhs tile (TMA multicast)
 
   def __post_init__(self):
-    for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m", "ctas_per_sm"):
+    for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m", "ctas_per_sm", "cluster"):
       if getattr(self, name) <= 0:
         raise ValueError(f"Tiling.{name}={getattr(self, name)} must be positive")
 
