@@ -189,3 +189,29 @@ def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
             s((g, n, k) if op == "gmm_t" else (g, k, n), jnp.bfloat16))
   lowered = jax.jit(fn).trace(*args, s((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "@mosaic_gpu" in lowered.as_text()
+
+
+def test_auto_prefers_mgpu_on_hopper_where_a_tile_was_measured(monkeypatch, tmp_path):
+  """backend="auto" on a Hopper GPU: a plain call whose op and widths have a measured
+  pallas_mgpu tile goes to pallas_mgpu with that tile; a call without one, a gathered call
+  and an explicit backend keep pallas_gpu."""
+  from openmoe_jax.kernels.gmm import ops, tuning  # noqa: PLC0415
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "_MEMO", {})
+  monkeypatch.setattr(ops, "_hopper", lambda: True)
+  monkeypatch.setattr(ops, "resolve_backend", lambda b="auto": "pallas_gpu")
+  pp = Tiling(128, 128, 64, 8, 4, pingpong=1)
+  tuning.store(tuning.key("pallas_mgpu", "gmm", m=4096, k=128, n=1024, g=40,
+                          dtype=jnp.bfloat16, gather=False), pp)
+  monkeypatch.setattr(tuning, "_MEMO", None)
+  call = dict(m=8192, k=128, n=1024, g=64, dtype=jnp.bfloat16)  # nearest of the tuned entry
+  st = ops._static("auto", jnp.bfloat16, None, False)
+  assert st.prefer_mgpu
+  routed, t = ops._routed(st, "gmm", gather=False, **call)
+  assert (routed.backend, t) == ("pallas_mgpu", pp)
+  assert ops._routed(st, "gmm", gather=True, **call)[0].backend == "pallas_gpu"
+  assert ops._routed(st, "gmm_t", gather=False, **call)[0].backend == "pallas_gpu"  # untuned op
+  assert ops._routed(st, "gmm", gather=False, **{**call, "k": 256})[0].backend == "pallas_gpu"
+  explicit = ops._static("pallas_gpu", jnp.bfloat16, None, False)
+  assert not explicit.prefer_mgpu
+  assert ops._routed(explicit, "gmm", gather=False, **call)[0].backend == "pallas_gpu"

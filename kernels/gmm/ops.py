@@ -4,14 +4,19 @@ Backends: "reference" (jax.lax.ragged_dot; CPU and tests), "pallas_gpu" (Pallas 
 lowering), "pallas_tpu" (megablox-style Pallas TPU), "triton" (jax-triton; GPU extra),
 "pallas_mgpu" (Pallas Mosaic GPU, Hopper: TMA + wgmma + warp specialisation; calls it cannot
 run, a fused row gather or float32, go to "pallas_gpu"). "auto" picks by platform: gpu ->
-pallas_gpu, tpu -> pallas_tpu, else reference. $OPENMOE_JAX_GMM_BACKEND overrides "auto".
+pallas_gpu, tpu -> pallas_tpu, else reference; on a Hopper GPU (compute capability 9.x) a
+call goes to pallas_mgpu when a pallas_mgpu tile was measured for its op and widths (the
+shipped tuned.json or the user's cache) and the call is one it runs. $OPENMOE_JAX_GMM_BACKEND
+overrides "auto".
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import os
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +44,18 @@ def resolve_backend(backend: str = "auto") -> str:
   return backend
 
 
+def _hopper() -> bool:
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def _static(backend: str, out_dtype, tiling: Tiling | None, interpret: bool) -> "_Static":
+  resolved = resolve_backend(backend)
+  prefer = (backend == "auto" and resolved == "pallas_gpu" and tiling is None
+            and not interpret and _hopper())
+  return _Static(resolved, jnp.dtype(out_dtype), tiling, interpret, prefer_mgpu=prefer)
+
+
 def _module(backend: str):
   return importlib.import_module(f"openmoe_jax.kernels.gmm.{_MODULES[backend]}")
 
@@ -49,6 +66,7 @@ class _Static:
   out_dtype: jnp.dtype
   tiling: Tiling | None
   interpret: bool
+  prefer_mgpu: bool = False  # "auto" on Hopper: pallas_mgpu for calls with a measured tile
 
 
 def _tile(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: bool):
@@ -58,7 +76,14 @@ def _tile(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: b
 
 
 def _routed(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather: bool):
-  """(static, tiling) for the call: a pallas_mgpu call it cannot run goes to pallas_gpu."""
+  """(static, tiling) for the call: a pallas_mgpu call it cannot run goes to pallas_gpu;
+  with prefer_mgpu, a call with a measured pallas_mgpu tile that it can run goes to it."""
+  if st.prefer_mgpu and not gather:
+    from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
+    t = tuning.tuned("pallas_mgpu", op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
+    if t is not None and not pallas_mgpu.supports(dtype, gather=gather, k=k, n=n, t=t,
+                                                  op=op.split("_")[0]):
+      return dataclasses.replace(st, backend="pallas_mgpu", tiling=t), t
   tiling = _tile(st, op, m, k, n, g, dtype, gather)
   if st.backend == "pallas_mgpu":
     from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
@@ -68,10 +93,44 @@ def _routed(st: _Static, op: str, m: int, k: int, n: int, g: int, dtype, gather:
   return st, tiling
 
 
+class Call(NamedTuple):
+  """One kernel call as the tuning cache keys it, plus the lhs row count (gathered calls
+  read `rows` lhs rows through their row index)."""
+  op: str      # "gmm", "gmm_t" (rhs read transposed) or "tgmm"
+  m: int
+  k: int
+  n: int
+  g: int
+  dtype: str
+  gather: bool
+  rows: int
+
+
+_RECORDING: list[Call] | None = None
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[Call]]:
+  """Collects the kernel calls made (traced) inside the block, in order, repeats included;
+  `openmoe_jax.bench.tune_model` tunes a model's calls from it."""
+  global _RECORDING
+  previous, _RECORDING = _RECORDING, []
+  try:
+    yield _RECORDING
+  finally:
+    _RECORDING = previous
+
+
+def _record(op: str, m: int, k: int, n: int, g: int, dtype, gather: bool, rows: int) -> None:
+  if _RECORDING is not None:
+    _RECORDING.append(Call(op, m, k, n, g, jnp.dtype(dtype).name, gather, rows))
+
+
 def _fwd_impl(st: _Static, lhs, rhs, group_sizes, row_index, transpose_rhs: bool = False):
   m = lhs.shape[0] if row_index is None else row_index.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   op = "gmm_t" if transpose_rhs else "gmm"
+  _record(op, m, lhs.shape[1], n, rhs.shape[0], lhs.dtype, row_index is not None, lhs.shape[0])
   st, tiling = _routed(st, op, m, lhs.shape[1], n, rhs.shape[0], lhs.dtype,
                        row_index is not None)
   return _module(st.backend).gmm(lhs, rhs, group_sizes, row_index_M=row_index,
@@ -81,6 +140,8 @@ def _fwd_impl(st: _Static, lhs, rhs, group_sizes, row_index, transpose_rhs: bool
 
 def _tgmm_impl(st: _Static, lhs_XK, rhs_MN, group_sizes, row_index, out_dtype):
   m, n = rhs_MN.shape
+  _record("tgmm", m, lhs_XK.shape[1], n, group_sizes.shape[0], lhs_XK.dtype,
+          row_index is not None, lhs_XK.shape[0])
   st, tiling = _routed(st, "tgmm", m, lhs_XK.shape[1], n, group_sizes.shape[0], lhs_XK.dtype,
                        row_index is not None)
   return _module(st.backend).tgmm(lhs_XK, rhs_MN, group_sizes, row_index_M=row_index,
@@ -160,7 +221,7 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
                        f"{row_positions.shape}")
     row_positions = row_positions.astype(jnp.int32)
   out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, tiling, interpret)
+  st = _static(backend, out_dtype, tiling, interpret)
   return _gmm(st, lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
               None if row_index is None else row_index.astype(jnp.int32), row_positions)
 
@@ -175,7 +236,7 @@ def tgmm(lhs_KM: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
   if lhs_KM.ndim != 2 or rhs_MN.ndim != 2 or lhs_KM.shape[1] != rhs_MN.shape[0]:
     raise ValueError(f"tgmm wants lhs[K,M] and rhs[M,N]; got {lhs_KM.shape} and {rhs_MN.shape}")
   out_dtype = jnp.dtype(preferred_element_type or lhs_KM.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, tiling, interpret)
+  st = _static(backend, out_dtype, tiling, interpret)
   # The kernels read lhs row-major [M, K]; under jit the transpose of a transpose is free.
   return _tgmm_impl(st, lhs_KM.T, rhs_MN.astype(lhs_KM.dtype), group_sizes_G.astype(jnp.int32),
                     None, out_dtype)
@@ -191,7 +252,7 @@ def gmm_nodiff(lhs_XK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, 
   if lhs_XK.dtype != rhs_GKN.dtype:
     raise ValueError(f"lhs dtype {lhs_XK.dtype} != rhs dtype {rhs_GKN.dtype}")
   out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, None, interpret)
+  st = _static(backend, out_dtype, None, interpret)
   ri = None if row_index is None else row_index.astype(jnp.int32)
   return _fwd_impl(st, lhs_XK, rhs_GKN, group_sizes_G.astype(jnp.int32), ri, transpose_rhs)
 
@@ -203,7 +264,7 @@ def tgmm_rows(lhs_XK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *,
   lhs_rows(g).T @ rhs_rows(g) -> [G, K, N], lhs rows taken as lhs_XK[row_index]. Not
   differentiable."""
   out_dtype = jnp.dtype(preferred_element_type or lhs_XK.dtype)
-  st = _Static(resolve_backend(backend), out_dtype, None, interpret)
+  st = _static(backend, out_dtype, None, interpret)
   ri = None if row_index is None else row_index.astype(jnp.int32)
   return _tgmm_impl(st, lhs_XK, rhs_MN.astype(lhs_XK.dtype), group_sizes_G.astype(jnp.int32),
                     ri, out_dtype)

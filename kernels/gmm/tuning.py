@@ -115,12 +115,18 @@ def nearest(cache_key: str) -> dict | None:
   return best
 
 
-def lookup(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool) -> Tiling:
+def tuned(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype,
+          gather: bool) -> Tiling | None:
+  """The measured tile for this call (exact entry, else the nearest of the same op, K, N and
+  dtype on this device kind), or None when nothing of that op and width was ever tuned."""
   cache_key = key(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
   entry = _load().get(cache_key) or nearest(cache_key)
-  if entry is not None:
-    return Tiling(**entry)
-  return default_tiling(backend, op, m=m, k=k, n=n, g=g, dtype=dtype)
+  return None if entry is None else Tiling(**entry)
+
+
+def lookup(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool) -> Tiling:
+  t = tuned(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
+  return t or default_tiling(backend, op, m=m, k=k, n=n, g=g, dtype=dtype)
 
 
 def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
