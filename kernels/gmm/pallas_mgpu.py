@@ -150,6 +150,35 @@ def ladder_store(src_smem, dst_gmem, row_offset, num_rows, max_rows: int):
     size //= 2
 
 
+def store_tile(part, swz_smem, plain_smem, out_view, *, group, num_groups: int, start, end,
+               row0) -> None:
+  """Stores one staged output block (`part`, rows row0 .. row0 + tm of out_view) of a gmm
+  work item: a full tile through the swizzled buffer in one TMA store; a group-edge tile
+  through the plain view of the same bytes, only rows [start, end), as a ladder of stores;
+  the tail group's rows (group == num_groups) as zeros."""
+  tm = part.shape[0]
+  full = (group < num_groups) & (start == row0) & (end == row0 + tm)
+
+  @pl.when(full)
+  def _full_tile():
+    swz_smem[...] = part
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(swz_smem, out_view)
+
+  @pl.when(jnp.logical_not(full))
+  def _edge_tile():
+    @pl.when(group < num_groups)
+    def _product():
+      plain_smem[...] = part
+
+    @pl.when(group >= num_groups)
+    def _tail():
+      plain_smem[...] = jnp.zeros(part.shape, part.dtype)
+
+    plgpu.commit_smem()
+    ladder_store(plain_smem, out_view, start - row0, end - start, tm)
+
+
 def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,
               t: Tiling, interpret: bool):
   m, k = lhs_MK.shape
@@ -206,28 +235,8 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         out_view = out_gmem.at[pl.ds(row0, tm), pl.ds(col0, tn_wg)]
 
         def epilogue(acc):
-          full = (grp < g) & (start == row0) & (end == row0 + tm)
-
-          @pl.when(full)
-          def _full_tile():
-            swz_smem[wg] = acc.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(swz_smem.at[wg], out_view)
-
-          @pl.when(jnp.logical_not(full))
-          def _edge_tile():
-            o_smem = plain_smem.at[wg]
-
-            @pl.when(grp < g)
-            def _product():
-              o_smem[...] = acc.astype(out_dtype)
-
-            @pl.when(grp >= g)
-            def _tail():
-              o_smem[...] = jnp.zeros((tm, tn_wg), out_dtype)
-
-            plgpu.commit_smem()
-            ladder_store(o_smem, out_view, start - row0, end - start, tm)
+          store_tile(acc.astype(out_dtype), swz_smem.at[wg], plain_smem.at[wg], out_view,
+                     group=grp, num_groups=g, start=start, end=end, row0=row0)
 
         def mma(_, a_smem, b_smem, acc_ref):
           if transpose_rhs:

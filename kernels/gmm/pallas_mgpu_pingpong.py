@@ -168,32 +168,12 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
             return acc_ref[...]
 
           acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
-          full = (grp < g) & (start == row0) & (end == row0 + tm)
           for c in range(tn // en):
-            part = acc[:, c * en:(c + 1) * en].astype(out_dtype)
-            out_view = out_gmem.at[pl.ds(row0, tm), pl.ds(ni * tn + c * en, en)]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free
-
-            @pl.when(full)
-            def _full_tile():
-              swz_smem[wg] = part
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(swz_smem.at[wg], out_view)
-
-            @pl.when(jnp.logical_not(full))
-            def _edge_tile():
-              o_smem = plain_smem.at[wg]
-
-              @pl.when(grp < g)
-              def _product():
-                o_smem[...] = part
-
-              @pl.when(grp >= g)
-              def _tail():  # rows past sum(group_sizes)
-                o_smem[...] = jnp.zeros((tm, en), out_dtype)
-
-              plgpu.commit_smem()
-              coop.ladder_store(o_smem, out_view, start - row0, end - start, tm)
+            coop.store_tile(acc[:, c * en:(c + 1) * en].astype(out_dtype), swz_smem.at[wg],
+                            plain_smem.at[wg],
+                            out_gmem.at[pl.ds(row0, tm), pl.ds(ni * tn + c * en, en)],
+                            group=grp, num_groups=g, start=start, end=end, row0=row0)
 
         # The other warpgroup's last turn hand-over, when no item of ours followed it.
         mine, theirs = (num_local - wg + 1) // 2, (num_local - (1 - wg) + 1) // 2
