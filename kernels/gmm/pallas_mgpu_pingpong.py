@@ -57,7 +57,7 @@ def unfit(t: Tiling, itemsize: int = 2) -> str | None:
     return "ping-pong tiles: tm, tn multiples of 64 with tm * tn <= 128 * 128 (f32 registers)"
   ring = t.num_stages * (t.tm * t.tk + t.tk * t.tn) * itemsize
   if ring + 2 * t.tm * epilogue_cols(t, itemsize) * itemsize > SMEM_BYTES - 1024:
-    return f"ping-pong ring of {ring} bytes leave no room for the output staging"
+    return f"ping-pong ring of {ring} bytes leaves no room for the output staging"
   return None
 
 
