@@ -80,8 +80,13 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-@pytest.mark.parametrize("case", sorted(SIZES))
+# With 64-row tiles the ragged groups already have full and edge tiles: the cluster schedule
+# skips the aligned case (CI time).
+CASES = [(s, c) for s in sorted(SCHEDULES) for c in sorted(SIZES)
+         if (s, c) != ("cluster", "aligned")]
+
+
+@pytest.mark.parametrize("schedule,case", CASES)
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_matches_float64(case, transpose_rhs, schedule):
   gs = SIZES[case]
