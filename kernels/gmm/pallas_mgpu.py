@@ -131,6 +131,7 @@ def _accumulating(shape: tuple[int, int], epilogue):
     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.float32))
     def _acc(acc_ref):
       run(acc_ref)
+      plgpu.wgmma_wait(0)  # a pipeline with delayed release leaves the last wgmma in flight
       acc = acc_ref[...]
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       epilogue(acc)
@@ -194,6 +195,9 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
   # Consecutive tiles of a CTA form one pipeline (the memory warpgroup loads the next tile
   # while the compute warpgroups finish this one) when the ring divides the K steps.
   chained = (k // tk) % t.num_stages == 0
+  # Otherwise a slot may be released one step late, so one wgmma stays in flight across
+  # steps (`delay_release`; JAX's pipeline allows it only for unchained pipelines).
+  delay = 1 if t.delay_release and not chained else 0
 
   def pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
@@ -201,9 +205,11 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         # In a cluster, the CTAs take adjacent column tiles of the same rows: the lhs tile
         # is loaded once (each CTA fetches part of it) and multicast to both.
         in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=lhs_tr,
-                                  collective_axes=("cluster",) if t.cluster > 1 else ()),
+                                  collective_axes=("cluster",) if t.cluster > 1 else (),
+                                  delay_release=delay),
                   plgpu.BlockSpec(rhs_block, (lambda kk: (0, kk)) if transpose_rhs
-                                  else (lambda kk: (kk, 0)), transforms=rhs_tr)],
+                                  else (lambda kk: (kk, 0)), transforms=rhs_tr,
+                                  delay_release=delay)],
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=t.num_stages,
         compute_context=context, pipeline_state=state)
 
@@ -244,7 +250,7 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
           else:
             b = b_smem.at[:, pl.ds(wg * tn_wg, tn_wg)]
           plgpu.wgmma(acc_ref, a_smem, b)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(delay)
           return acc_ref
 
         state = None

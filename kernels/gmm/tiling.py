@@ -19,6 +19,7 @@ class Tiling:
   ctas_per_sm: int = 1   # pallas_mgpu only: persistent CTAs per SM (2 overlap epilogues)
   pingpong: int = 0      # pallas_mgpu gmm only: 1 = each compute warpgroup owns whole tiles
   cluster: int = 1       # pallas_mgpu gmm only: 2 = CTA pairs share the lhs tile (TMA multicast)
+  delay_release: int = 0  # pallas_mgpu gmm only: 1 = one wgmma in flight across K steps
 
   def __post_init__(self):
     for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m", "ctas_per_sm", "cluster"):
