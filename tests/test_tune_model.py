@@ -1,5 +1,6 @@
 """openmoe_jax.bench.tune_model on CPU: the calls of a tiny MoE step are found by tracing, and
 tuning one of them (Pallas GPU kernels in interpret mode) stores a timed candidate."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,3 +48,25 @@ def test_tune_call_stores_the_fastest_candidate(monkeypatch, tmp_path):
                         gather=True)
   assert stored == best
   assert tm.backends_for(call, ["pallas_gpu", "pallas_mgpu"]) == ["pallas_gpu"]  # gathered
+
+
+def test_tune_call_refuses_a_fast_wrong_candidate(monkeypatch, tmp_path):
+  """A candidate whose output differs from the tile in use is never stored, however fast."""
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "_MEMO", {})
+  right, wrong = Tiling(32, 32, 16, 4, 2), Tiling(16, 16, 16, 4, 2)
+  data = jax.random.normal(jax.random.key(0), (1 << 20,))
+  slow_right = jax.jit(lambda x: jnp.sort(x)[-64:].reshape(8, 8))
+
+  def runner(call, backend, args, interpret):
+    def make(t):
+      if t == wrong:
+        return lambda: jnp.zeros((8, 8), jnp.float32)  # instant, and wrong
+      return lambda: slow_right(data)
+    return make
+
+  monkeypatch.setattr(tm, "_runner", runner)
+  monkeypatch.setattr(tuning, "lookup", lambda *a, **k: right)
+  call = ops.Call("gmm", m=8, k=8, n=8, g=1, dtype="float32", gather=False, rows=8)
+  best, _, _ = tm.tune_call(call, "pallas_gpu", [wrong], iters=1)
+  assert best == right

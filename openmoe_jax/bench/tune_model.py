@@ -96,16 +96,31 @@ def candidates(call: ops.Call, backend: str) -> list[Tiling]:
 
 def tune_call(call: ops.Call, backend: str, cands: Sequence[Tiling] | None = None,
               iters: int = 5, interpret: bool = False) -> tuple[Tiling, float, float]:
-  """Times the tile in use today and the candidates; stores the fastest. Returns (tile,
-  its seconds, the seconds of the tile in use before)."""
+  """Times the tile in use today and the candidates whose output matches it (relative
+  error <= 1e-2 in 16-bit, 1e-5 in float32); stores the fastest. Returns (tile, its
+  seconds, the seconds of the tile in use before)."""
   key = dict(m=call.m, k=call.k, n=call.n, g=call.g, dtype=jnp.dtype(call.dtype),
              gather=call.gather)
   before = tuning.lookup(backend, call.op, **key)
-  make = _runner(call, backend, call_inputs(call), interpret)
-  before_s = tuning.time_fn(make(before), iters)
+  run = _runner(call, backend, call_inputs(call), interpret)
+  reference = run(before)().astype(jnp.float32)
+  tol = 1e-2 if jnp.dtype(call.dtype).itemsize == 2 else 1e-5
+
+  def make(t: Tiling) -> Callable[[], jax.Array]:
+    """The candidate's call, after checking that it gives the tile in use's result (a fast
+    but wrong tiling is refused: autotune skips candidates that raise)."""
+    fn = run(t)
+    out = fn().astype(jnp.float32)
+    err = float(jnp.linalg.norm(out - reference) / jnp.maximum(jnp.linalg.norm(reference), 1e-30))
+    if not err <= tol:
+      raise ValueError(f"tiling {t} differs from the tile in use: relative error {err:.2e}")
+    return fn
+
+  before_s = tuning.time_fn(run(before), iters)
   cands = list(candidates(call, backend) if cands is None else cands)
-  best = tuning.autotune(tuning.key(backend, call.op, **key), make, [before, *cands], iters)
-  best_s = before_s if best == before else tuning.time_fn(make(best), iters)
+  best = tuning.autotune(tuning.key(backend, call.op, **key), make, [before, *cands], iters,
+                         verbose=True)
+  best_s = before_s if best == before else tuning.time_fn(run(best), iters)
   return best, best_s, before_s
 
 
