@@ -107,10 +107,14 @@ class MoeFFN(nnx.Module):
               routing: router_lib.Routing) -> Aux:
     m = self.moe
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-    lb = router_lib.load_balance_loss(probs_GSE, routing, mask_GS)
+    load_E = router_lib.expert_load(routing, m.num_experts)  # one bincount per layer
+    lb = router_lib.load_balance_loss(probs_GSE, routing, mask_GS, load_E)
     z = router_lib.z_loss(logits_GSE, mask_GS)
     ent = router_lib.entropy_regularizer(logits_GSE, mask_GS)
-    aux_loss = m.load_balance_weight * lb + m.z_loss_weight * z + m.entropy_weight * ent
+    # Terms with weight 0 stay out of the loss, so the backward (and a rematerialised forward)
+    # never recomputes them; they are still reported.
+    terms = ((m.load_balance_weight, lb), (m.z_loss_weight, z), (m.entropy_weight, ent))
+    aux_loss = sum((w * v for w, v in terms if w), jnp.zeros((), jnp.float32))
     return {
         "aux_loss": aux_loss,
         "load_balance_loss": lb,
@@ -119,7 +123,7 @@ class MoeFFN(nnx.Module):
         "router_entropy": router_lib.router_entropy(logits_GSE, mask_GS),
         "dropped_fraction": router_lib.dropped_fraction(
             routing, mask_GS, expert_choice=m.router == "expert_choice"),
-        "expert_load_E": router_lib.expert_load(routing, m.num_experts),
+        "expert_load_E": load_E,
     }
 
   # ------------------------------------------------------------------ experts
@@ -167,7 +171,6 @@ class MoeFFN(nnx.Module):
     order_M, sizes_E = grouped.order_and_sizes(key_M, e, e + 1)  # sentinel e not counted
     tok_sorted_M = token_M[order_M]
     kept_sorted_M = kept_M[order_M]
-    weight_sorted_M = weight_M[order_M]
 
     token_choice = self.moe.router != "expert_choice" and a == k * s
     if token_choice:
@@ -177,6 +180,12 @@ class MoeFFN(nnx.Module):
       tk_sorted_M = tok_sorted_M * k + j_M[order_M]
       row_TK = jnp.zeros((m,), jnp.int32).at[tk_sorted_M].set(
           jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+      # The sorted row of assignment i is row_TK[its tk]: the inverse of order_M, so the
+      # gates are permuted with a gather-backward (no float32 scatter-add over M).
+      inv_order_M = row_TK[token_M * k + j_M]
+      weight_sorted_M = grouped.permute_rows(weight_M[:, None], order_M, inv_order_M)[:, 0]
+    else:
+      weight_sorted_M = weight_M[order_M]
 
     # Gate and up projections as one grouped matmul over [E, D, 2F]: x is gathered once, and
     # the gmm backward scatters one [M, D] row gradient instead of two.

@@ -25,6 +25,7 @@ from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import sharding
 from openmoe_jax.config import ModelConfig
+from openmoe_jax.kernels import topk as topk_lib
 
 Aux = dict[str, jax.Array]
 
@@ -32,8 +33,8 @@ Aux = dict[str, jax.Array]
 def sigma_select(logits_BLHE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
   """sigma-MoE selection: indices and gates (raw sigmoid values) of the top-k, both [B, L, H, k]."""
   probs = jax.nn.sigmoid(logits_BLHE.astype(jnp.float32))
-  gate_BLHk, idx_BLHk = jax.lax.top_k(probs, top_k)
-  return idx_BLHk.astype(jnp.int32), gate_BLHk
+  idx_BLHk = topk_lib.top_k_indices(probs, top_k)
+  return idx_BLHk, jnp.take_along_axis(probs, idx_BLHk, axis=-1)
 
 
 def entropy_regularizer(logits_BLHE: jax.Array, token_mask_BL: jax.Array) -> jax.Array:
