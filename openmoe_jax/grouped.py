@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def kernels_gmm() -> Any:
@@ -55,7 +56,8 @@ def order_and_sizes(key_M: jax.Array, num_groups: int,
   # Unrolled binary search: one fused kernel, not a loop of ~20 tiny launches.
   bounds = jnp.searchsorted(key_sorted_M, jnp.arange(num_groups + 1, dtype=jnp.int32),
                             side="left", method="scan_unrolled")
-  return order_M.astype(jnp.int32), jnp.diff(bounds).astype(jnp.int32)
+  return (checkpoint_name(order_M.astype(jnp.int32), "routing"),
+          checkpoint_name(jnp.diff(bounds).astype(jnp.int32), "routing"))
 
 
 def stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
@@ -66,8 +68,8 @@ def stable_order(key_M: jax.Array, num_keys: int) -> jax.Array:
 def inverse_permutation(order_M: jax.Array) -> jax.Array:
   """inv with inv[order[i]] = i."""
   m = order_M.shape[0]
-  return jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32),
-                                                    unique_indices=True)
+  return checkpoint_name(jnp.zeros((m,), jnp.int32).at[order_M].set(
+      jnp.arange(m, dtype=jnp.int32), unique_indices=True), "routing")
 
 
 @jax.custom_vjp

@@ -178,8 +178,8 @@ class MoeFFN(nnx.Module):
       # tk = token * K + j is a permutation of [T * K]; row_TK: sorted row of (token, choice).
       j_M = jnp.tile(jnp.arange(a, dtype=jnp.int32) // s, g)
       tk_sorted_M = tok_sorted_M * k + j_M[order_M]
-      row_TK = jnp.zeros((m,), jnp.int32).at[tk_sorted_M].set(
-          jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+      row_TK = checkpoint_name(jnp.zeros((m,), jnp.int32).at[tk_sorted_M].set(
+          jnp.arange(m, dtype=jnp.int32), unique_indices=True), "routing")
       # The sorted row of assignment i is row_TK[its tk]: the inverse of order_M, so the
       # gates are permuted with a gather-backward (no float32 scatter-add over M).
       inv_order_M = row_TK[token_M * k + j_M]

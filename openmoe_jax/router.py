@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from openmoe_jax.kernels import topk as topk_lib
 
@@ -122,7 +123,7 @@ def top_k_routing(logits_GSE: jax.Array, mask_GS: jax.Array, *, top_k: int,
   select_GSE = probs_GSE
   if selection_mask_GSE is not None:
     select_GSE = jnp.where(selection_mask_GSE, probs_GSE, -jnp.inf)
-  expert_GSK = topk_lib.top_k_indices(select_GSE, top_k)
+  expert_GSK = checkpoint_name(topk_lib.top_k_indices(select_GSE, top_k), "routing")
   gate_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
   if renormalize and gate == "softmax":
     gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)

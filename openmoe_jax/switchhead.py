@@ -33,7 +33,7 @@ Aux = dict[str, jax.Array]
 def sigma_select(logits_BLHE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
   """sigma-MoE selection: indices and gates (raw sigmoid values) of the top-k, both [B, L, H, k]."""
   probs = jax.nn.sigmoid(logits_BLHE.astype(jnp.float32))
-  idx_BLHk = topk_lib.top_k_indices(probs, top_k)
+  idx_BLHk = checkpoint_name(topk_lib.top_k_indices(probs, top_k), "routing")
   return idx_BLHk, jnp.take_along_axis(probs, idx_BLHk, axis=-1)
 
 
