@@ -209,7 +209,12 @@ def expert_load(routing: Routing, num_experts: int) -> jax.Array:
   """float32 [E]: fraction of routed assignments (before capacity) that went to each expert."""
   routed_A = routing.routed_GA.reshape(-1)
   ids_A = jnp.where(routed_A, routing.expert_GA.reshape(-1), num_experts)  # sentinel: dropped
-  count_E = jnp.bincount(ids_A, length=num_experts).astype(jnp.float32)  # exact int counts
+  # Exact int counts off the sorted ids (a radix sort and a binary search): a bincount of
+  # ~1M ids into a few hundred bins is a contended scatter-add (0.2 ms on an H100).
+  bounds = jnp.searchsorted(jnp.sort(ids_A.astype(jnp.int32)),
+                            jnp.arange(num_experts + 1, dtype=jnp.int32), side="left",
+                            method="scan_unrolled")
+  count_E = jnp.diff(bounds).astype(jnp.float32)
   total = jnp.sum(routed_A.astype(jnp.int32)).astype(jnp.float32)
   return jax.lax.stop_gradient(count_E / jnp.maximum(total, 1.0))
 

@@ -235,3 +235,16 @@ def test_jitter_only_with_rng():
   assert np.array_equal(np.asarray(clean), np.asarray(router.router_logits(x, w)))
   assert not np.allclose(np.asarray(clean), np.asarray(noisy))
   assert clean.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_expert_load_counts_routed_assignments(seed):
+  """expert_load = per-expert count of routed (real-token) choices / their total, as bincount."""
+  g, s, e, k = 3, 40, 7, 2
+  logits = jax.random.normal(jax.random.key(seed), (g, s, e))
+  mask = np.asarray(jax.random.bernoulli(jax.random.key(seed + 50), 0.8, (g, s)))
+  r = router.top_k_routing(logits, jnp.asarray(mask), top_k=k, capacity=3)
+  ids = np.asarray(r.expert_GA)[np.asarray(r.routed_GA)]
+  want = np.bincount(ids, minlength=e) / ids.size
+  np.testing.assert_allclose(np.asarray(router.expert_load(r, e)), want, rtol=1e-6)
+  assert ids.size == k * mask.sum()  # over capacity still counts: load is before dropping
