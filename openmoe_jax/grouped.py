@@ -133,8 +133,11 @@ def gather_gmm(src_RI: jax.Array, w_GIO: jax.Array, sg: SortedGroups, per_src: i
   if src_RI.shape[0] * per_src != m:
     raise ValueError(f"{src_RI.shape[0]} source rows x per_src={per_src} != {m} rows")
   positions_RP = sg.inv_M.reshape(src_RI.shape[0], per_src)
-  return kernels_gmm().gmm(src_RI.astype(w_GIO.dtype), w_GIO, sg.sizes_G, backend=backend,
-                           row_index=sg.order_M // per_src, row_positions=positions_RP)
+  # Named for the "dots" remat policy, which keeps it (as the MoE FFN's expert hidden).
+  return checkpoint_name(
+      kernels_gmm().gmm(src_RI.astype(w_GIO.dtype), w_GIO, sg.sizes_G, backend=backend,
+                        row_index=sg.order_M // per_src, row_positions=positions_RP),
+      "routed_hidden")
 
 
 def unsort(y_MO: jax.Array, sg: SortedGroups) -> jax.Array:
