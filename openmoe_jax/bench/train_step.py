@@ -2,7 +2,8 @@
 
     python -m openmoe_jax.bench.train_step --preset NAME [--batch B --seq L]
         [--attention_impl xla|cudnn|pallas] [--remat none|dots|full] [--dispatch einsum|ragged|gmm]
-        [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--profile_dir DIR] [--json FILE]
+        [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--scan_layers true|false]
+        [--profile_dir DIR] [--json FILE]
 
 It compiles the real `train_step` (`train_step.make_setup / init_state / jit_train_step`, state
 donated) on the default device with synthetic batches in the data contract's format, times
@@ -374,12 +375,13 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
         dtype: str | None = None, steps: int = MIN_STEPS, warmup: int = 3, mask: str = "causal",
         peak_size: int | None = None, peak_dtype: str = "bfloat16",
         optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
-        logits_dtype: str | None = None, cfg: ModelConfig | None = None) -> Result:
+        logits_dtype: str | None = None, scan_layers: bool | None = None,
+        cfg: ModelConfig | None = None) -> Result:
   """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
   base = cfg if cfg is not None else resolve_preset(preset)
   cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
                         dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype,
-                        logits_dtype=logits_dtype)
+                        logits_dtype=logits_dtype, scan_layers=scan_layers)
   if cfg.vocab_size <= 0:
     cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
   devices = jax.devices()
@@ -487,6 +489,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--gmm_backend", default=None, help="override MoeConfig.gmm_backend")
   p.add_argument("--dtype", default=None, help="override ModelConfig.dtype (activations)")
   p.add_argument("--logits_dtype", default=None, help="override ModelConfig.logits_dtype")
+  p.add_argument("--scan_layers", default=None, choices=("true", "false"),
+                 help="override ModelConfig.scan_layers (false: a Python loop over the layers)")
   p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
   p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
   p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
@@ -507,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
           dispatch=a.dispatch, gmm_backend=a.gmm_backend, dtype=a.dtype, steps=a.steps,
           warmup=a.warmup, mask=a.mask, peak_size=a.peak_size, peak_dtype=a.peak_dtype,
           optimizer=a.optimizer, profile_dir=a.profile_dir,
-          num_devices=a.num_devices, logits_dtype=a.logits_dtype)
+          num_devices=a.num_devices, logits_dtype=a.logits_dtype,
+          scan_layers=None if a.scan_layers is None else a.scan_layers == "true")
   print(report(r), flush=True)
   if a.json:
     with open(a.json, "a", encoding="utf-8") as f:
