@@ -107,6 +107,8 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
   out_dtype = out_dtype or lhs_XK.dtype
   meta = md_lib.make_group_metadata(group_sizes_G, m, t.tm)
+  if t.interleave:  # L2 reuse of source rows that many groups gather (see interleave_items)
+    meta = md_lib.interleave_items(meta, t.tm)
   num_items = meta.item_group.shape[0]
   gather = row_index_M is not None
   kernel = functools.partial(
