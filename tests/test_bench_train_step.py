@@ -109,6 +109,15 @@ def test_time_steps_needs_ten_steps_and_threads_state():
   assert len(times) == 10 and int(state) == 12 and seen[:4] == ["a", "b", "a", "b"]
 
 
+def test_scan_layers_flag_reaches_the_config():
+  cfg = bench.resolve_preset("bench-tiny-moe")
+  assert bench.apply_overrides(cfg, seq=32, scan_layers=False).scan_layers is False
+  assert bench.apply_overrides(cfg, seq=32).scan_layers == cfg.scan_layers
+  assert bench.parse_args(["--preset", "x", "--scan_layers", "false"]).scan_layers == "false"
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--preset", "x", "--scan_layers", "no"])
+
+
 def test_unknown_preset_names_the_choices():
   with pytest.raises(ValueError, match="bench-tiny-dense"):
     bench.resolve_preset("no-such-preset")
