@@ -20,7 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plt
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MAX_K = 32        # rounds are unrolled
 MAX_WIDTH = 4096  # whole rows are held in registers
@@ -76,6 +78,35 @@ def _pallas_top_k(x_RW: jax.Array, k: int, interpret: bool = False,
   )(x_RW)
 
 
+def _rows_spec(arg_shape) -> P:
+  """The operand's row sharding (rows may be split across devices; a row never is)."""
+  spec = getattr(arg_shape.sharding, "spec", None)
+  return P(spec[0] if spec else None, None)
+
+
+def _partition(k, interpret, mesh, arg_shapes, result_shape):
+  del result_shape
+  spec = _rows_spec(arg_shapes[0])
+  shard = NamedSharding(mesh, spec)
+  return mesh, lambda x: _pallas_top_k(x, k, interpret=interpret), shard, (shard,)
+
+
+def _infer(k, interpret, mesh, arg_shapes, result_shape):
+  del k, interpret, result_shape
+  return NamedSharding(mesh, _rows_spec(arg_shapes[0]))
+
+
+@functools.partial(custom_partitioning, static_argnums=(1, 2))
+def _sharded_top_k(x_RW: jax.Array, k: int, interpret: bool) -> jax.Array:
+  """The kernel under jit with sharded operands: each device ranks its own rows (a Pallas
+  call is opaque to XLA's partitioner, which would otherwise gather every row everywhere)."""
+  return _pallas_top_k(x_RW, k, interpret=interpret)
+
+
+_sharded_top_k.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
+                             sharding_rule="r e -> r k", need_replication_factors=("e", "k"))
+
+
 def kernel_fits(width: int, k: int) -> bool:
   return 1 <= k <= min(MAX_K, width) and width <= MAX_WIDTH
 
@@ -98,5 +129,5 @@ def top_k_indices(x: jax.Array, k: int, *, backend: str = "auto",
   rows = 1
   for d in lead:
     rows *= d
-  idx = _pallas_top_k(jax.lax.stop_gradient(x).reshape(rows, width), k, interpret=interpret)
+  idx = _sharded_top_k(jax.lax.stop_gradient(x).reshape(rows, width), k, interpret)
   return idx.reshape(*lead, k)

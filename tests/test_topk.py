@@ -56,3 +56,21 @@ def test_backend_choice_and_errors():
   with pytest.raises(ValueError, match="pallas_gpu top-k needs"):
     topk.top_k_indices(_logits((2, 64)), topk.MAX_K + 1, backend="pallas_gpu")
   assert topk.kernel_fits(387, 16) and not topk.kernel_fits(387, 33)
+
+
+def test_rows_stay_sharded_under_jit():
+  """With rows sharded over devices each device ranks its own rows: the kernel is wrapped in
+  custom_partitioning (a bare Pallas call makes XLA gather every row onto every device)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  n = len(jax.devices())
+  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = _logits((2 * n, 24, 50), seed=11)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None)))
+  f = jax.jit(lambda x: topk.top_k_indices(x, 5, interpret=True))
+  out = f(xs)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.lax.top_k(x, 5)[1]))
+  assert out.sharding.spec[0] == "data"
+  hlo = f.lower(xs).compile().as_text()
+  assert "all-gather" not in hlo or n == 1
+  bare = jax.jit(lambda x: topk._pallas_top_k(x.reshape(-1, 50), 5, interpret=True))
+  assert n == 1 or "all-gather" in bare.lower(xs).compile().as_text()  # what the wrap avoids
