@@ -20,9 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plt
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from openmoe_jax.kernels import batch_partition
 
 MAX_K = 32        # rounds are unrolled
 MAX_WIDTH = 4096  # whole rows are held in registers
@@ -78,33 +78,12 @@ def _pallas_top_k(x_RW: jax.Array, k: int, interpret: bool = False,
   )(x_RW)
 
 
-def _rows_spec(arg_shape) -> P:
-  """The operand's row sharding (rows may be split across devices; a row never is)."""
-  spec = getattr(arg_shape.sharding, "spec", None)
-  return P(spec[0] if spec else None, None)
-
-
-def _partition(k, interpret, mesh, arg_shapes, result_shape):
-  del result_shape
-  spec = _rows_spec(arg_shapes[0])
-  shard = NamedSharding(mesh, spec)
-  return mesh, lambda x: _pallas_top_k(x, k, interpret=interpret), shard, (shard,)
-
-
-def _infer(k, interpret, mesh, arg_shapes, result_shape):
-  del k, interpret, result_shape
-  return NamedSharding(mesh, _rows_spec(arg_shapes[0]))
-
-
-@functools.partial(custom_partitioning, static_argnums=(1, 2))
-def _sharded_top_k(x_RW: jax.Array, k: int, interpret: bool) -> jax.Array:
-  """The kernel under jit with sharded operands: each device ranks its own rows (a Pallas
-  call is opaque to XLA's partitioner, which would otherwise gather every row everywhere)."""
+def _top_k_rows(x_RW: jax.Array, k: int, interpret: bool) -> jax.Array:
   return _pallas_top_k(x_RW, k, interpret=interpret)
 
 
-_sharded_top_k.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
-                             sharding_rule="r e -> r k", need_replication_factors=("e", "k"))
+# Sharded rows stay sharded under jit (each device ranks its own rows).
+_sharded_top_k = batch_partition.batch_partitioned(_top_k_rows, num_arrays=1, num_static=2)
 
 
 def kernel_fits(width: int, k: int) -> bool:

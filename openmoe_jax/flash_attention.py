@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
+from openmoe_jax.kernels import batch_partition
+
 NEG_INF = -1e30  # finite, so that exp(NEG_INF - NEG_INF) stays defined on fully masked rows
 
 
@@ -177,6 +179,10 @@ def _forward(q, k, v, mask_i8, q_ranges, blocks: Blocks):
   return out, lse
 
 
+# Under jit with batch-sharded operands each device runs the kernels on its own sequences.
+_forward_sharded = batch_partition.batch_partitioned(_forward, num_arrays=5, num_static=1)
+
+
 def _backward(q, k, v, mask_i8, out, lse, dout, blocks: Blocks):
   b, l, h, kd = q.shape
   s, n = k.shape[1], k.shape[2]
@@ -229,6 +235,9 @@ def _backward(q, k, v, mask_i8, out, lse, dout, blocks: Blocks):
   return dq, dk_h, dv_h
 
 
+_backward_sharded = batch_partition.batch_partitioned(_backward, num_arrays=7, num_static=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, mask_i8, blocks):
   out, _ = _fwd_res(q, k, v, mask_i8, blocks)
@@ -239,7 +248,7 @@ def _fwd_res(q, k, v, mask_i8, blocks):
   bq = _fit(blocks.fwd_q, q.shape[1], "query")
   bk = _fit(blocks.fwd_k, k.shape[1], "key")
   q_ranges, _ = _tile_ranges(mask_i8 != 0, bq, bk)
-  out, lse = _forward(q, k, v, mask_i8, q_ranges, blocks)
+  out, lse = _forward_sharded(q, k, v, mask_i8, q_ranges, blocks)
   # Named so that the "dots" remat policy keeps them instead of re-running the forward kernel.
   out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, mask_i8, out, lse)
@@ -247,7 +256,7 @@ def _fwd_res(q, k, v, mask_i8, blocks):
 
 def _bwd(blocks, res, dout):
   q, k, v, mask_i8, out, lse = res
-  dq, dk, dv = _backward(q, k, v, mask_i8, out, lse, dout, blocks)
+  dq, dk, dv = _backward_sharded(q, k, v, mask_i8, out, lse, dout, blocks)
   return dq, dk, dv, None
 
 
