@@ -107,7 +107,7 @@ class MoeFFN(nnx.Module):
               routing: router_lib.Routing) -> Aux:
     m = self.moe
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-    load_E = router_lib.expert_load(routing, m.num_experts)  # one bincount per layer
+    load_E = router_lib.expert_load(routing, m.num_experts)  # once per layer
     lb = router_lib.load_balance_loss(probs_GSE, routing, mask_GS, load_E)
     z = router_lib.z_loss(logits_GSE, mask_GS)
     ent = router_lib.entropy_regularizer(logits_GSE, mask_GS)
