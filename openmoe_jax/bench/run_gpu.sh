@@ -25,7 +25,7 @@ done
 import json, sys
 from openmoe_jax.bench import train_step as b
 print(b.TABLE_HEADER)
-print("|" + " --- |" * 13)
+print("|" + " --- |" * b.TABLE_HEADER.count(" | ") + " --- |")
 try:
   rows = [json.loads(l) for l in open(sys.argv[1])]
 except FileNotFoundError:

@@ -368,6 +368,7 @@ class Result:
   loss_first: float
   loss_last: float
   steps_done: int
+  scan_layers: bool = True  # False: the layer loop unrolled (--scan_layers false)
 
 
 def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
@@ -439,7 +440,8 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
       total_params=total_params, mfu=flops_tok * tokens / step_s / peak / mesh.size,
       peak_flops=peak, peak_memory_bytes=peak_mem, xla_memory_bytes=xla_memory_estimate(compiled),
       compile_s=compile_s,
-      loss_first=first_loss, loss_last=last_loss, steps_done=steps_done)
+      loss_first=first_loss, loss_last=last_loss, steps_done=steps_done,
+      scan_layers=cfg.scan_layers)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -448,13 +450,13 @@ def _gib(x: int | None) -> str:
   return "-" if x is None else f"{x / 2 ** 30:.2f}"
 
 
-TABLE_HEADER = ("| preset | B x L | attn | remat | dispatch | step ms | tokens/s | GFLOP/tok | "
-                "MFU | peak TFLOP/s | peak GiB | XLA GiB | compile s |")
+TABLE_HEADER = ("| preset | B x L | attn | remat | dispatch | layers | step ms | tokens/s | "
+                "GFLOP/tok | MFU | peak TFLOP/s | peak GiB | XLA GiB | compile s |")
 
 
 def table_row(r: Result) -> str:
   return (f"| {r.preset} | {r.batch} x {r.seq} | {r.attention_impl} | {r.remat} | {r.dispatch} | "
-          f"{r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
+          f"{'scan' if r.scan_layers else 'unrolled'} | {r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
           f"{100 * r.mfu:.1f}% | {r.peak_flops / 1e12:.1f} | {_gib(r.peak_memory_bytes)} | "
           f"{_gib(r.xla_memory_bytes)} | {r.compile_s:.1f} |")
 
