@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from openmoe_jax import layers
 from openmoe_jax.kernels import topk as topk_lib
 
 ROUTER_PAD = 64  # wide routers are padded to a multiple of this many experts (router_logits)
@@ -62,7 +63,7 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
   (Switch/ST-MoE "jitter"); without an rng (evaluation) there is no noise.
 
   E >= 128 that is not a multiple of 64 (MoEUT's 387) is padded with zero columns for the
-  matmul and sliced off: on an H100 the [65536, 1024] x [1024, 387] product took 1.36 ms
+  matmul and sliced off (`layers.lowp_einsum`: the backward also runs in `dtype`): on an H100 the [65536, 1024] x [1024, 387] product took 1.36 ms
   forward + backward, padded to 448 0.95 ms (narrower E got slower when padded).
   """
   x32 = x_GSD.astype(jnp.float32)
@@ -70,9 +71,9 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
     x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
   e = w_DE.shape[1]
   pad = (-e) % ROUTER_PAD if e >= 128 else 0
-  w_DE = jnp.pad(w_DE.astype(dtype), ((0, 0), (0, pad)))
-  logits_GSE = jnp.einsum("GSD,DE->GSE", x32.astype(dtype), w_DE,
-                          preferred_element_type=jnp.float32)
+  w_DE = jnp.pad(w_DE, ((0, 0), (0, pad)))  # the weight gradient stays in its own dtype
+  # Backward in `dtype` too (a float32 cotangent made both backward matmuls float32).
+  logits_GSE = layers.lowp_einsum("GSD,DE->GSE", x32.astype(dtype), w_DE, dtype)
   return logits_GSE[..., :e] if pad else logits_GSE
 
 

@@ -117,8 +117,7 @@ class SwitchHeadAttention(nnx.Module):
 
   def _selection_logits(self, qk_BLD: jax.Array, w_DHE: nnx.Param) -> jax.Array:
     dt = self.selection_dtype
-    return jnp.einsum("BLD,DHE->BLHE", qk_BLD.astype(dt), w_DHE[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+    return layers.lowp_einsum("BLD,DHE->BLHE", qk_BLD.astype(dt), w_DHE[...], dt)
 
   def _groups(self, idx_BLHk: jax.Array) -> jax.Array:
     """Group h * E + expert of every selection, in natural (token, head, choice) order."""

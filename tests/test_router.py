@@ -248,3 +248,54 @@ def test_expert_load_counts_routed_assignments(seed):
   want = np.bincount(ids, minlength=e) / ids.size
   np.testing.assert_allclose(np.asarray(router.expert_load(r, e)), want, rtol=1e-6)
   assert ids.size == k * mask.sum()  # over capacity still counts: load is before dropping
+
+
+@pytest.mark.parametrize("e", [10, 387])
+def test_router_logits_backward_runs_in_router_dtype(e):
+  """bf16 router: logits and gradients match a float64 reference of the same bf16 operands,
+  and no matmul of the gradient takes a float32 operand (the cotangent is rounded first)."""
+  kx, kw, kc = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 16, 64)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (64, e)) * 0.1
+  ct = jax.random.normal(kc, (2, 16, e))
+  f = lambda x, w: jnp.sum(router.router_logits(x, w, dtype="bfloat16") * ct)
+  dx, dw = jax.grad(f, argnums=(0, 1))(x, w)
+  x64 = np.asarray(x, np.float64)
+  w64 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+  ct64 = np.asarray(ct.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(router.router_logits(x, w, dtype="bfloat16")),
+                             np.einsum("gsd,de->gse", x64, w64), rtol=1e-5, atol=1e-5)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum("gse,de->gsd", ct64, w64),
+                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(dw), np.einsum("gsd,gse->de", x64, ct64),
+                             rtol=1e-4, atol=1e-4)
+  jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)
+  dots = []
+
+  def walk(jp):  # every dot_general, inside custom_vjp / pjit sub-jaxprs too
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "dot_general":
+        dots.append([v.aval.dtype for v in eqn.invars])
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(jaxpr.jaxpr)
+  assert len(dots) >= 3, dots
+  assert all(d == jnp.bfloat16 for ops in dots for d in ops), dots
+
+
+def test_lowp_einsum_float32_is_plain_einsum():
+  from openmoe_jax import layers
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  w = jax.random.normal(jax.random.key(1), (8, 2, 4))
+  f = lambda x, w: jnp.sum(jnp.sin(layers.lowp_einsum("BLD,DHE->BLHE", x, w, "float32")))
+  g = lambda x, w: jnp.sum(jnp.sin(jnp.einsum("BLD,DHE->BLHE", x, w)))
+  for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="summed over in one operand"):
+    layers.lowp_einsum("BLD,DHE->BLH", x, w, "bfloat16")
