@@ -60,18 +60,36 @@ def _fit(block: int, length: int, name: str) -> int:
 
 
 def _tile_ranges(mask_BLS: jax.Array, bq: int, bk: int) -> tuple[jax.Array, jax.Array]:
-  """[B, nq, 2] key-block ranges [lo, hi) per query block and [B, nk, 2] query-block ranges."""
+  """[B, nq, 4] key-block ranges per query block and [B, nk, 4] query-block ranges per key
+  block: (lo, hi, full_lo, full_hi). Blocks in [lo, hi) hold every visible pair; those in
+  [full_lo, full_hi) (a run of fully visible tiles, empty if there is none) skip the
+  element-wise mask."""
   b, l, s = mask_BLS.shape
-  tiles_BQK = jnp.any(mask_BLS.reshape(b, l // bq, bq, s // bk, bk), axis=(2, 4))
+  tiles = mask_BLS.reshape(b, l // bq, bq, s // bk, bk)
+  any_BQK, all_BQK = jnp.any(tiles, axis=(2, 4)), jnp.all(tiles, axis=(2, 4))
 
-  def ranges(t):  # t [B, rows, cols] -> first / one-past-last non-empty col per row
-    n = t.shape[-1]
-    any_ = jnp.any(t, axis=-1)
-    lo = jnp.argmax(t, axis=-1)
-    hi = n - jnp.argmax(t[..., ::-1], axis=-1)
-    return jnp.stack([jnp.where(any_, lo, 0), jnp.where(any_, hi, 0)], -1).astype(jnp.int32)
+  def ranges(any_, all_):  # [B, rows, cols] -> per row
+    n = any_.shape[-1]
+    has = jnp.any(any_, axis=-1)
+    lo = jnp.where(has, jnp.argmax(any_, axis=-1), 0)
+    hi = jnp.where(has, n - jnp.argmax(any_[..., ::-1], axis=-1), 0)
+    full_lo = jnp.argmax(all_, axis=-1)
+    after = ~all_ & (jnp.arange(n) >= full_lo[..., None])
+    full_hi = jnp.where(jnp.any(after, axis=-1), jnp.argmax(after, axis=-1), n)
+    has_full = jnp.any(all_, axis=-1)
+    full_lo, full_hi = jnp.where(has_full, full_lo, hi), jnp.where(has_full, full_hi, hi)
+    return jnp.stack([lo, hi, full_lo, full_hi], -1).astype(jnp.int32)
 
-  return ranges(tiles_BQK), ranges(jnp.swapaxes(tiles_BQK, 1, 2))
+  return (ranges(any_BQK, all_BQK),
+          ranges(jnp.swapaxes(any_BQK, 1, 2), jnp.swapaxes(all_BQK, 1, 2)))
+
+
+def _three_loops(range_ref, body, init):
+  """body(j, carry, masked) over [lo, hi): masked before and after the full run."""
+  lo, hi, full_lo, full_hi = range_ref[0], range_ref[1], range_ref[2], range_ref[3]
+  carry = jax.lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), init)
+  carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
 def _dot_t(a, b):  # a [m, k] @ b[n, k]^T in float32
@@ -82,15 +100,19 @@ def _fwd_kernel(range_ref, q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, *, scale,
   q = q_ref[...]
   bq, kdim = q.shape
 
-  def body(j, carry):
+  def body(j, carry, masked):
     acc, m_i, l_i = carry
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    visible = m_ref[:, pl.ds(start, bk)] != 0
-    s = jnp.where(visible, _dot_t(q, k) * scale, NEG_INF)
+    s = _dot_t(q, k) * scale
+    if masked:
+      visible = m_ref[:, pl.ds(start, bk)] != 0
+      s = jnp.where(visible, s, NEG_INF)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    p = jnp.exp(s - m_new[:, None])
+    if masked:
+      p = jnp.where(visible, p, 0.0)
     alpha = jnp.exp(m_i - m_new)
     l_i = l_i * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
@@ -99,14 +121,15 @@ def _fwd_kernel(range_ref, q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, *, scale,
 
   init = (jnp.zeros((bq, kdim), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m_i, l_i = jax.lax.fori_loop(range_ref[0], range_ref[1], body, init)
+  acc, m_i, l_i = _three_loops(range_ref, body, init)
   seen = l_i > 0.0
   o_ref[...] = (acc / jnp.where(seen, l_i, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m_i + jnp.log(jnp.where(seen, l_i, 1.0)), 0.0)
 
 
 def _probs(q, k, visible, lse, scale):
-  return jnp.where(visible, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
+  p = jnp.exp(_dot_t(q, k) * scale - lse[:, None])
+  return p if visible is None else jnp.where(visible, p, 0.0)
 
 
 def _dq_kernel(range_ref, q_ref, k_ref, v_ref, m_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
@@ -114,16 +137,15 @@ def _dq_kernel(range_ref, q_ref, k_ref, v_ref, m_ref, do_ref, lse_ref, delta_ref
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
-  def body(j, dq):
+  def body(j, dq, masked):
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    p = _probs(q, k, m_ref[:, pl.ds(start, bk)] != 0, lse, scale)
+    p = _probs(q, k, (m_ref[:, pl.ds(start, bk)] != 0) if masked else None, lse, scale)
     ds = p * (_dot_t(do, v) - delta[:, None])
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  dq = jax.lax.fori_loop(range_ref[0], range_ref[1], body,
-                         jnp.zeros(q.shape, jnp.float32))
+  dq = _three_loops(range_ref, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -131,21 +153,21 @@ def _dkv_kernel(range_ref, q_ref, k_ref, v_ref, m_ref, do_ref, lse_ref, delta_re
                 dv_ref, *, scale, bq):
   k, v = k_ref[...], v_ref[...]
 
-  def body(i, carry):
+  def body(i, carry, masked):
     dk, dv = carry
     start = pl.multiple_of(i * bq, bq)
     q = q_ref[pl.ds(start, bq), :]
     do = do_ref[pl.ds(start, bq), :]
     lse = lse_ref[pl.ds(start, bq)]
     delta = delta_ref[pl.ds(start, bq)]
-    p = _probs(q, k, m_ref[pl.ds(start, bq), :] != 0, lse, scale)
+    p = _probs(q, k, (m_ref[pl.ds(start, bq), :] != 0) if masked else None, lse, scale)
     dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     ds = p * (_dot_t(do, v) - delta[:, None])
     dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(range_ref[0], range_ref[1], body, (zeros, zeros))
+  dk, dv = _three_loops(range_ref, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -160,7 +182,7 @@ def _forward(q, k, v, mask_i8, q_ranges, blocks: Blocks):
       kernel,
       grid=(b, h, l // bq),
       in_specs=[
-          pl.BlockSpec((None, None, 2), lambda bi, hi, qi: (bi, qi, 0)),
+          pl.BlockSpec((None, None, 4), lambda bi, hi, qi: (bi, qi, 0)),
           pl.BlockSpec((None, bq, None, kd), lambda bi, hi, qi: (bi, qi, hi, 0)),
           pl.BlockSpec((None, s, None, kd), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
           pl.BlockSpec((None, s, None, kd), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
@@ -197,7 +219,7 @@ def _backward(q, k, v, mask_i8, out, lse, dout, blocks: Blocks):
       functools.partial(_dq_kernel, scale=scale, bk=bk),
       grid=(b, h, l // bq),
       in_specs=[
-          pl.BlockSpec((None, None, 2), lambda bi, hi, qi: (bi, qi, 0)),
+          pl.BlockSpec((None, None, 4), lambda bi, hi, qi: (bi, qi, 0)),
           pl.BlockSpec((None, bq, None, kd), lambda bi, hi, qi: (bi, qi, hi, 0)),
           pl.BlockSpec((None, s, None, kd), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
           pl.BlockSpec((None, s, None, kd), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
@@ -216,7 +238,7 @@ def _backward(q, k, v, mask_i8, out, lse, dout, blocks: Blocks):
       functools.partial(_dkv_kernel, scale=scale, bq=bq),
       grid=(b, h, s // bk),
       in_specs=[
-          pl.BlockSpec((None, None, 2), lambda bi, hi, ki: (bi, ki, 0)),
+          pl.BlockSpec((None, None, 4), lambda bi, hi, ki: (bi, ki, 0)),
           pl.BlockSpec((None, l, None, kd), lambda bi, hi, ki: (bi, 0, hi, 0)),
           pl.BlockSpec((None, bk, None, kd), lambda bi, hi, ki: (bi, ki, hi // g, 0)),
           pl.BlockSpec((None, bk, None, kd), lambda bi, hi, ki: (bi, ki, hi // g, 0)),

@@ -21,7 +21,12 @@ def _masks(b, l, seed):
   prefix[1, :5], prefix[1, 13:20] = 1, 1
   packed = attention.sequence_mask(jnp.asarray(seg), jnp.asarray(prefix))
   dense = jnp.asarray(rng.random((b, l, l)) < 0.3)  # arbitrary (rows may be empty)
-  return {"t5x": packed, "random": dense}
+  # 8 x 8 tiles that are full, empty or partial at random: full tiles on both sides of
+  # masked ones, so the kernels switch between their masked and unmasked loops.
+  kind_T = rng.integers(0, 3, (b, l // 8, l // 8))
+  tile = np.repeat(np.repeat(kind_T, 8, axis=1), 8, axis=2)
+  blocky = jnp.asarray((tile == 2) | ((tile == 1) & (rng.random((b, l, l)) < 0.5)))
+  return {"t5x": packed, "random": dense, "blocky": blocky}
 
 
 def _inputs(b=2, l=32, h=4, n=2, k=16, seed=0, dtype=jnp.float32):
@@ -39,7 +44,7 @@ def _rel(x, ref):
   return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
-@pytest.mark.parametrize("kind,h,n", [("t5x", 4, 2), ("random", 2, 2)])
+@pytest.mark.parametrize("kind,h,n", [("t5x", 4, 2), ("random", 2, 2), ("blocky", 2, 1)])
 def test_forward_and_grads_match_reference(kind, h, n):
   q, k, v, dout = _inputs(h=h, n=n, seed=hash((kind, h)) % 100)
   mask = _masks(2, 32, 1)[kind]
@@ -123,3 +128,23 @@ def test_batch_sharded_jit_matches_and_keeps_sequences_on_their_devices():
   assert got[0].sharding.spec[0] == "data"
   hlo = f.lower(*map(put, args)).compile().as_text()
   assert n_dev == 1 or "all-gather" not in hlo
+
+
+@pytest.mark.parametrize("kind", ["t5x", "random", "blocky"])
+def test_tile_ranges_cover_visible_tiles_and_full_runs_are_full(kind):
+  from openmoe_jax.flash_attention import _tile_ranges
+  mask = np.asarray(_masks(2, 32, 3)[kind])
+  for bq, bk in [(8, 8), (16, 8), (8, 16)]:
+    q_r, k_r = (np.asarray(r) for r in _tile_ranges(jnp.asarray(mask), bq, bk))
+    t = mask.reshape(2, 32 // bq, bq, 32 // bk, bk)
+    any_, all_ = t.any(axis=(2, 4)), t.all(axis=(2, 4))
+    for ranges, a, f in [(q_r, any_, all_), (k_r, any_.transpose(0, 2, 1),
+                                              all_.transpose(0, 2, 1))]:
+      for b in range(2):
+        for i in range(a.shape[1]):
+          lo, hi, flo, fhi = ranges[b, i]
+          assert lo <= flo <= fhi <= hi
+          assert not a[b, i, :lo].any() and not a[b, i, hi:].any()  # nothing visible missed
+          assert f[b, i, flo:fhi].all()  # the unmasked loop only sees full tiles
+          if f[b, i].any():  # and it starts at the first full tile
+            assert flo == np.argmax(f[b, i]) and fhi > flo
