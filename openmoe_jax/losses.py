@@ -20,6 +20,39 @@ def max_and_argmax(x_BLV: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.lax.reduce((x_BLV, iota), init, better, (axis,))
 
 
+@jax.custom_vjp
+def _log_z_and_target(logits_BLV: jax.Array, targets_BL: jax.Array,
+                      max_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float32 (logsumexp over V, logit of the target) per token; `max_BL` (the row max, no
+  gradient) shifts the exponentials."""
+  shifted_BLV = logits_BLV.astype(jnp.float32) - max_BL[..., None]
+  log_z_BL = max_BL + jnp.log(jnp.sum(jnp.exp(shifted_BLV), axis=-1))
+  target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None],
+                                  axis=-1)[..., 0].astype(jnp.float32)
+  return log_z_BL, target_BL
+
+
+def _log_z_fwd(logits_BLV, targets_BL, max_BL):
+  log_z_BL, target_BL = _log_z_and_target(logits_BLV, targets_BL, max_BL)
+  return (log_z_BL, target_BL), (logits_BLV, targets_BL, log_z_BL)
+
+
+def _log_z_bwd(res, cts):
+  """d logits = g_z * softmax + g_t * onehot(target), formed in one elementwise pass and
+  written in the logits' dtype (autodiff wrote a float32 [B, L, V] product, scatter-added the
+  target term into it and converted it: three passes over the largest tensor of the step)."""
+  logits_BLV, targets_BL, log_z_BL = res
+  g_z_BL, g_t_BL = cts
+  probs_BLV = jnp.exp(logits_BLV.astype(jnp.float32) - log_z_BL[..., None])
+  vocab_BLV = jax.lax.broadcasted_iota(jnp.int32, logits_BLV.shape, logits_BLV.ndim - 1)
+  d_BLV = g_z_BL[..., None] * probs_BLV + jnp.where(vocab_BLV == targets_BL[..., None],
+                                                    g_t_BL[..., None], 0.0)
+  return d_BLV.astype(logits_BLV.dtype), None, jnp.zeros_like(log_z_BL)
+
+
+_log_z_and_target.defvjp(_log_z_fwd, _log_z_bwd)
+
+
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
                   z_loss: float = 0.0) -> dict[str, jax.Array]:
   """Weighted sums (not means) so that micro-batches and hosts can be added before dividing.
@@ -27,15 +60,13 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
   Returns {"loss_sum", "z_loss_sum", "correct_sum", "weight_sum"} as float32 scalars.
   Logits may be bfloat16 (ModelConfig.logits_dtype): every reduction upcasts on the fly, so
   no float32 copy of the [B, L, V] logits is written, and the max (logsumexp's shift) and the
-  argmax (accuracy) come from one pass over them.
+  argmax (accuracy) come from one pass over them. The logits' gradient is one elementwise
+  pass in their dtype (`_log_z_bwd`).
   """
   weights_BL = weights_BL.astype(jnp.float32)
   max_BL, argmax_BL = max_and_argmax(jax.lax.stop_gradient(logits_BLV))
-  max_BL = max_BL.astype(jnp.float32)
-  shifted_BLV = logits_BLV.astype(jnp.float32) - max_BL[..., None]
-  log_z_BL = max_BL + jnp.log(jnp.sum(jnp.exp(shifted_BLV), axis=-1))
-  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None],
-                                        axis=-1)[..., 0].astype(jnp.float32)
+  log_z_BL, target_logit_BL = _log_z_and_target(logits_BLV, targets_BL.astype(jnp.int32),
+                                                 max_BL.astype(jnp.float32))
   nll_BL = log_z_BL - target_logit_BL
   correct_BL = (argmax_BL == targets_BL).astype(jnp.float32)
   return {

@@ -74,7 +74,9 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, jitter: float = 0.0,
   w_DE = jnp.pad(w_DE, ((0, 0), (0, pad)))  # the weight gradient stays in its own dtype
   # Backward in `dtype` too (a float32 cotangent made both backward matmuls float32).
   logits_GSE = layers.lowp_einsum("GSD,DE->GSE", x32.astype(dtype), w_DE, dtype)
-  return logits_GSE[..., :e] if pad else logits_GSE
+  # Named for the "dots" remat policy: the backward needs the logits (gates, aux losses), and
+  # as a custom-VJP output they are not a dot it would keep.
+  return checkpoint_name(logits_GSE[..., :e] if pad else logits_GSE, "router_logits")
 
 
 def _slots_GA(expert_GA: jax.Array, routed_GA: jax.Array, num_experts: int) -> jax.Array:

@@ -117,7 +117,9 @@ class SwitchHeadAttention(nnx.Module):
 
   def _selection_logits(self, qk_BLD: jax.Array, w_DHE: nnx.Param) -> jax.Array:
     dt = self.selection_dtype
-    return layers.lowp_einsum("BLD,DHE->BLHE", qk_BLD.astype(dt), w_DHE[...], dt)
+    # Kept by the "dots" remat policy (a custom-VJP output is not a dot it would keep).
+    return checkpoint_name(layers.lowp_einsum("BLD,DHE->BLHE", qk_BLD.astype(dt), w_DHE[...], dt),
+                           "router_logits")
 
   def _groups(self, idx_BLHk: jax.Array) -> jax.Array:
     """Group h * E + expert of every selection, in natural (token, head, choice) order."""

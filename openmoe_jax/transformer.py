@@ -26,9 +26,10 @@ from openmoe_jax.config import ModelConfig
 Aux = dict[str, Any]
 # "dots" keeps matmul outputs and the named outputs of kernels that XLA does not see as dots
 # (Pallas grouped matmuls and attention): attention / routed-expert outputs and expert hiddens,
-# and the int32 routing decisions (top-k choices, sort orders, group sizes), so the backward
-# does not redo the top-k and the sorts.
-SAVED_NAMES = ("attention_out", "attention_lse", "routed_out", "routed_hidden", "routing")
+# the int32 routing decisions (top-k choices, sort orders, group sizes), so the backward
+# does not redo the top-k and the sorts, and the float32 router logits.
+SAVED_NAMES = ("attention_out", "attention_lse", "routed_out", "routed_hidden", "routing",
+               "router_logits")
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
