@@ -166,6 +166,8 @@ class ModelConfig:
   norm_scheme: str = "pre"  # "pre" (pre-LN) | "peri" (MoEUT: norms on router/QK inputs + final)
   scan_layers: bool = True  # nnx.scan over repeated blocks so compile time does not grow with depth
   remat: str = "none"  # activation checkpointing policy per block, one of REMATS
+  remat_prevent_cse: bool = True  # unrolled layers only (scan never needs it): False lets XLA
+  #   reuse forward values in the rematerialised backward (faster, more memory; jax.checkpoint)
   init_std: float = 0.02  # std of normal initialisers (scaled per layer by the model code)
   z_loss: float = 0.0  # output-logit z-loss coefficient (PaLM/OpenMoE style)
   logits_dtype: str = "float32"  # dtype of the [B, L, V] logits the head writes: "bfloat16"

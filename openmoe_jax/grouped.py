@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,20 +145,29 @@ def unsort(y_MO: jax.Array, sg: SortedGroups) -> jax.Array:
   return permute_rows(y_MO, sg.inv_M, sg.order_M)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gmm_sum(x_MI, w_GIO, sizes_G, positions_NP, owner_M, backend):
+def _identity(x_MI: jax.Array) -> jax.Array:
+  return x_MI
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _gmm_sum(prologue, inputs, w_GIO, sizes_G, positions_NP, owner_M, backend):
+  x_MI = prologue(*inputs).astype(w_GIO.dtype)
   y_MO = kernels_gmm().gmm_nodiff(x_MI, w_GIO, sizes_G, backend=backend)
   return jnp.sum(y_MO[positions_NP].astype(jnp.float32), axis=1)
 
 
-def _gmm_sum_fwd(x_MI, w_GIO, sizes_G, positions_NP, owner_M, backend):
-  return (_gmm_sum(x_MI, w_GIO, sizes_G, positions_NP, owner_M, backend),
-          (x_MI, w_GIO, sizes_G, owner_M))
+def _gmm_sum_fwd(prologue, inputs, w_GIO, sizes_G, positions_NP, owner_M, backend):
+  return (_gmm_sum(prologue, inputs, w_GIO, sizes_G, positions_NP, owner_M, backend),
+          (inputs, w_GIO, sizes_G, owner_M))
 
 
-def _gmm_sum_bwd(backend, res, dy_NO):
-  x_MI, w_GIO, sizes_G, owner_M = res
+def _gmm_sum_bwd(prologue, backend, res, dy_NO):
+  inputs, w_GIO, sizes_G, owner_M = res
   lib = kernels_gmm()
+  # The rows are recomputed from the prologue's inputs behind a barrier: XLA cannot CSE them
+  # with the forward's copy, which would keep that [M, I] tensor alive until the backward.
+  x_MI, prologue_vjp = jax.vjp(lambda *a: prologue(*a).astype(w_GIO.dtype),
+                               *jax.lax.optimization_barrier(inputs))
   dy_NO = dy_NO.astype(x_MI.dtype)
   # Sorted row i's output went to output row owner[i]: its gradient is dy[owner[i]] @ w[g].T,
   # read through the kernel's row gather (rows past the groups come out zero).
@@ -166,21 +175,28 @@ def _gmm_sum_bwd(backend, res, dy_NO):
                          backend=backend)
   dw_GOI = lib.tgmm_rows(dy_NO, x_MI, sizes_G, row_index=owner_M, backend=backend,
                          preferred_element_type=w_GIO.dtype)
-  return dx_MI, jnp.swapaxes(dw_GOI, 1, 2), None, None, None
+  return prologue_vjp(dx_MI), jnp.swapaxes(dw_GOI, 1, 2), None, None, None
 
 
 _gmm_sum.defvjp(_gmm_sum_fwd, _gmm_sum_bwd)
 
 
 def gmm_sum(x_MI: jax.Array, w_GIO: jax.Array, sizes_G: jax.Array, positions_NP: jax.Array,
-            owner_M: jax.Array, backend: str = "auto") -> jax.Array:
+            owner_M: jax.Array, backend: str = "auto", *,
+            prologue: Callable[..., jax.Array] | None = None) -> jax.Array:
   """float32 [N, O]: out[n] = sum_p x[positions[n, p]] @ w[group of that row], for rows x_MI
   sorted by group (sizes_G; rows past the groups contribute 0). owner_M[i] is the n whose
-  positions hold sorted row i (every row belongs to exactly one n)."""
-  if positions_NP.size != x_MI.shape[0] or owner_M.shape != (x_MI.shape[0],):
+  positions hold sorted row i (every row belongs to exactly one n).
+
+  With `prologue` (a hashable callable), x_MI is a tuple of arrays and the rows are
+  prologue(*x_MI) (e.g. an expert activation and its gate): the backward keeps the inputs and
+  recomputes the rows instead of keeping them."""
+  inputs = tuple(x_MI) if prologue is not None else (x_MI.astype(w_GIO.dtype),)
+  m = jax.eval_shape(prologue, *inputs).shape[0] if prologue is not None else x_MI.shape[0]
+  if positions_NP.size != m or owner_M.shape != (m,):
     raise ValueError(f"positions {positions_NP.shape} / owner {owner_M.shape} do not cover the "
-                     f"{x_MI.shape[0]} rows")
-  return _gmm_sum(x_MI.astype(w_GIO.dtype), w_GIO, sizes_G.astype(jnp.int32),
+                     f"{m} rows")
+  return _gmm_sum(prologue or _identity, inputs, w_GIO, sizes_G.astype(jnp.int32),
                   positions_NP.astype(jnp.int32), owner_M.astype(jnp.int32), backend)
 
 

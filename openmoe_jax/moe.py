@@ -48,6 +48,20 @@ def groups(num_tokens: int, seq_len: int, moe: MoeConfig) -> tuple[int, int]:
   return num_tokens // s, s
 
 
+@dataclasses.dataclass(frozen=True)
+class GatedActivation:
+  """Expert rows [M, F or 2F] -> activation(rows) * gate[:, None] (a hashable prologue for
+  `grouped.gmm_sum`); `split` = F for gated activations (gate and up halves), else 0."""
+  activation: str
+  split: int
+
+  def __call__(self, in_MF: jax.Array, gate_M: jax.Array) -> jax.Array:
+    f = self.split
+    gate_MF, up_MF = (in_MF, None) if not f else (in_MF[:, :f], in_MF[:, f:])
+    h_MF = layers.activate(self.activation, gate_MF, up_MF)
+    return (h_MF.astype(jnp.float32) * gate_M[:, None]).astype(h_MF.dtype)
+
+
 class MoeFFN(nnx.Module):
   """Routed experts (SwiGLU / GeGLU / ReLU / GELU) with optional always-on shared experts."""
 
@@ -206,15 +220,18 @@ class MoeFFN(nnx.Module):
           x_TD, w_in, sizes_E, backend=self.moe.gmm_backend, row_index=tok_sorted_M,
           row_positions=row_TK.reshape(g * s, k) if token_choice else None), "routed_hidden")
       mm_out = lambda h_MF: gmm_lib.gmm(h_MF, w_out, sizes_E, backend=self.moe.gmm_backend)
-    gate_MF, up_MF = (in_MF, None) if w_up is None else (in_MF[:, :f], in_MF[:, f:])
-    h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
     if token_choice and backend == "gmm":
       # Gates folded into the narrow hidden rows (0 for dropped ones), then the output matmul
-      # fused with the K-sum: no [M, D] tensor is kept for, or formed in, the backward.
-      h_MF = (h_MF.astype(jnp.float32) * weight_sorted_M[:, None]).astype(h_MF.dtype)
-      y_TD = grouped.gmm_sum(h_MF, w_out, sizes_E, row_TK.reshape(g * s, k), tok_sorted_M,
-                             self.moe.gmm_backend)
+      # fused with the K-sum: no [M, D] tensor is kept for, or formed in, the backward. The
+      # activation runs as gmm_sum's prologue, so its [M, F] output is recomputed in the
+      # backward from in_MF (kept anyway) instead of being kept too.
+      prologue = GatedActivation(self.moe.activation, 0 if w_up is None else f)
+      y_TD = grouped.gmm_sum((in_MF, weight_sorted_M), w_out, sizes_E,
+                             row_TK.reshape(g * s, k), tok_sorted_M, self.moe.gmm_backend,
+                             prologue=prologue)
       return y_TD.reshape(g, s, d)
+    gate_MF, up_MF = (in_MF, None) if w_up is None else (in_MF[:, :f], in_MF[:, f:])
+    h_MF = layers.activate(self.moe.activation, gate_MF, up_MF)
     out_MD = mm_out(h_MF)  # compute dtype, sorted by expert
 
     if token_choice:

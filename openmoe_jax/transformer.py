@@ -175,6 +175,7 @@ class Segment(nnx.Module):
                shared: bool, rngs: nnx.Rngs):
     self.repeats, self.shared = repeats, shared
     self.scan, self.remat = cfg.scan_layers, cfg.remat
+    self.prevent_cse = cfg.remat_prevent_cse
     if shared:
       self.unit = Unit(cfg, first_layer, unit_size, rngs)
     else:
@@ -198,7 +199,8 @@ class Segment(nnx.Module):
       return x, (new_cache, aux)
 
     if self.remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat],
+                            prevent_cse=self.prevent_cse and not self.scan)
     xs = (None if shared else state, caches, jnp.arange(self.repeats))
     if self.scan:
       x_BLD, (new_caches, aux) = jax.lax.scan(body, x_BLD, xs)

@@ -90,6 +90,38 @@ def test_gmm_sum_skips_rows_outside_groups_and_matches_reference():
   assert np.all(np.asarray(got[0])[np.asarray(key_M) == g] == 0.0)
 
 
+@pytest.mark.parametrize("activation,split", [("relu", 0), ("swiglu", 8)])
+def test_gmm_sum_prologue_equals_precomputed_rows(activation, split):
+  """A prologue (activation and gate folded in) gives the value and gradients of gmm_sum on
+  rows formed beforehand; the backward recomputes them behind a barrier."""
+  from openmoe_jax.moe import GatedActivation
+  n, p, f, o, g = 10, 3, 8, 12, 4
+  ks = jax.random.split(jax.random.key(4), 5)
+  key_M = jax.random.randint(ks[0], (n * p,), 0, g)
+  order = grouped.stable_order(key_M, g)
+  inv = grouped.inverse_permutation(order)
+  sizes = jnp.bincount(key_M, length=g).astype(jnp.int32)
+  in_MF = jax.random.normal(ks[1], (n * p, f + split), jnp.float32)
+  gate_M = jax.random.uniform(ks[2], (n * p,), jnp.float32)
+  w = jax.random.normal(ks[3], (g, f, o), jnp.float32)
+  cot = jax.random.normal(ks[4], (n, o), jnp.float32)
+  act = GatedActivation(activation, split)
+  args = (sizes, inv.reshape(n, p), order // p)
+
+  def fused(in_MF, gate_M, w):
+    return grouped.gmm_sum((in_MF, gate_M), w, *args, prologue=act)
+
+  def plain(in_MF, gate_M, w):
+    return grouped.gmm_sum(act(in_MF, gate_M), w, *args)
+
+  np.testing.assert_allclose(jax.jit(fused)(in_MF, gate_M, w), plain(in_MF, gate_M, w),
+                             rtol=1e-6, atol=1e-6)
+  got = jax.grad(lambda *a: jnp.sum(fused(*a) * cot), argnums=(0, 1, 2))(in_MF, gate_M, w)
+  want = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=(0, 1, 2))(in_MF, gate_M, w)
+  for a, b in zip(got, want):
+    assert _rel(a, b) < 1e-6
+
+
 def test_gmm_row_positions_gradient_equals_scatter_gradient():
   t, k, d, f, g = 9, 3, 8, 16, 4
   ks = jax.random.split(jax.random.key(2), 4)
