@@ -166,8 +166,9 @@ class ModelConfig:
   norm_scheme: str = "pre"  # "pre" (pre-LN) | "peri" (MoEUT: norms on router/QK inputs + final)
   scan_layers: bool = True  # nnx.scan over repeated blocks so compile time does not grow with depth
   remat: str = "none"  # activation checkpointing policy per block, one of REMATS
-  remat_prevent_cse: bool = True  # unrolled layers only (scan never needs it): False lets XLA
-  #   reuse forward values in the rematerialised backward (faster, more memory; jax.checkpoint)
+  remat_cse_repeats: int = 0  # unrolled layers: the first N repeats of each segment let XLA
+  #   reuse forward values in their rematerialised backward (jax.checkpoint prevent_cse=False:
+  #   faster, more memory); -1 = all of them. Scanned layers always allow it.
   init_std: float = 0.02  # std of normal initialisers (scaled per layer by the model code)
   z_loss: float = 0.0  # output-logit z-loss coefficient (PaLM/OpenMoE style)
   logits_dtype: str = "float32"  # dtype of the [B, L, V] logits the head writes: "bfloat16"
@@ -196,6 +197,9 @@ class ModelConfig:
     _choice("ModelConfig.share_order", self.share_order, ("abab", "aabb"))
     _choice("ModelConfig.norm_scheme", self.norm_scheme, ("pre", "peri"))
     _choice("ModelConfig.remat", self.remat, REMATS)
+    if self.remat_cse_repeats < -1:
+      raise ValueError(f"ModelConfig.remat_cse_repeats={self.remat_cse_repeats}; expected "
+                       ">= 0, or -1 for every repeat")
     _choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _choice("ModelConfig.init_scheme", self.init_scheme, ("scaled", "moeut"))
     _check(self.attention != "switchhead" or self.switchhead is not None,

@@ -175,7 +175,7 @@ class Segment(nnx.Module):
                shared: bool, rngs: nnx.Rngs):
     self.repeats, self.shared = repeats, shared
     self.scan, self.remat = cfg.scan_layers, cfg.remat
-    self.prevent_cse = cfg.remat_prevent_cse
+    self.cse_repeats = repeats if cfg.remat_cse_repeats < 0 else cfg.remat_cse_repeats
     if shared:
       self.unit = Unit(cfg, first_layer, unit_size, rngs)
     else:
@@ -198,16 +198,17 @@ class Segment(nnx.Module):
       x, new_cache, aux = unit(x, inputs, cache_r, unit_rng)
       return x, (new_cache, aux)
 
+    bodies = [body, body]  # [repeats that prevent CSE, repeats that allow it]
     if self.remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat],
-                            prevent_cse=self.prevent_cse and not self.scan)
+      bodies = [jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=prevent)
+                for prevent in (True, False)]
     xs = (None if shared else state, caches, jnp.arange(self.repeats))
-    if self.scan:
-      x_BLD, (new_caches, aux) = jax.lax.scan(body, x_BLD, xs)
+    if self.scan:  # a scan body is never CSE'd with its backward: no need to prevent it
+      x_BLD, (new_caches, aux) = jax.lax.scan(bodies[1], x_BLD, xs)
       return x_BLD, new_caches, aux
     outs = []
     for r in range(self.repeats):
-      x_BLD, out = body(x_BLD, jax.tree.map(lambda a, r=r: a[r], xs))
+      x_BLD, out = bodies[r < self.cse_repeats](x_BLD, jax.tree.map(lambda a, r=r: a[r], xs))
       outs.append(out)
     new_caches, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return x_BLD, new_caches, aux

@@ -106,6 +106,31 @@ def test_remat_and_jit_match_eager():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+def test_remat_cse_repeats_leave_values_and_gradients_unchanged():
+  """Letting XLA CSE the rematerialised forward (some or all repeats of an unrolled segment)
+  is an optimisation only: same loss and gradients as preventing it, and as no remat."""
+  toks = _tokens()
+  base = ModelConfig(**{**CFG.__dict__, "n_layers": 4, "scan_layers": False})
+  results = []
+  for remat, cse in [("none", 0), ("dots", 0), ("dots", 1), ("dots", -1)]:
+    cfg = ModelConfig(**{**base.__dict__, "remat": remat, "remat_cse_repeats": cse})
+    graphdef, params = nnx.split(_model(cfg), nnx.Param)
+
+    @jax.jit
+    def loss(p, graphdef=graphdef):
+      logits, _, _ = nnx.merge(graphdef, p)(toks)
+      return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    results.append(jax.value_and_grad(loss)(params))
+  (v0, g0) = results[0]
+  for v, g in results[1:]:
+    np.testing.assert_allclose(v, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="remat_cse_repeats"):
+    ModelConfig(**{**base.__dict__, "remat_cse_repeats": -2})
+
+
 def test_rope_matches_complex_rotation_reference():
   from openmoe_jax import layers
   x = np.random.default_rng(0).normal(size=(1, 3, 2, 8))

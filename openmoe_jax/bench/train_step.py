@@ -3,7 +3,7 @@
     python -m openmoe_jax.bench.train_step --preset NAME [--batch B --seq L]
         [--attention_impl xla|cudnn|pallas] [--remat none|dots|full] [--dispatch einsum|ragged|gmm]
         [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--scan_layers true|false]
-        [--remat_prevent_cse true|false]
+        [--remat_cse_repeats N]
         [--profile_dir DIR] [--json FILE]
 
 It compiles the real `train_step` (`train_step.make_setup / init_state / jit_train_step`, state
@@ -130,7 +130,7 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
                     gmm_backend: str | None = None, dtype: str | None = None,
                     scan_layers: bool | None = None,
                     logits_dtype: str | None = None,
-                    remat_prevent_cse: bool | None = None) -> ModelConfig:
+                    remat_cse_repeats: int | None = None) -> ModelConfig:
   """The preset with benchmark overrides; None leaves a field as the preset has it."""
   changes: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, seq)}
   if attention_impl is not None:
@@ -139,7 +139,7 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
                        "checkout does not have")
     changes["attention_impl"] = attention_impl
   for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers),
-                      ("logits_dtype", logits_dtype), ("remat_prevent_cse", remat_prevent_cse)):
+                      ("logits_dtype", logits_dtype), ("remat_cse_repeats", remat_cse_repeats)):
     if value is not None:
       changes[name] = value
   if (dispatch is not None or gmm_backend is not None) and cfg.moe is not None:
@@ -371,7 +371,7 @@ class Result:
   loss_last: float
   steps_done: int
   scan_layers: bool = True  # False: the layer loop unrolled (--scan_layers false)
-  remat_prevent_cse: bool = True  # False: --remat_prevent_cse false (shown as "dots+cse")
+  remat_cse_repeats: int = 0  # --remat_cse_repeats (shown as "dots+cse" (all) or "dots+cseN")
 
 
 def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
@@ -380,13 +380,13 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
         peak_size: int | None = None, peak_dtype: str = "bfloat16",
         optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
         logits_dtype: str | None = None, scan_layers: bool | None = None,
-        remat_prevent_cse: bool | None = None, cfg: ModelConfig | None = None) -> Result:
+        remat_cse_repeats: int | None = None, cfg: ModelConfig | None = None) -> Result:
   """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
   base = cfg if cfg is not None else resolve_preset(preset)
   cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
                         dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype,
                         logits_dtype=logits_dtype, scan_layers=scan_layers,
-                        remat_prevent_cse=remat_prevent_cse)
+                        remat_cse_repeats=remat_cse_repeats)
   if cfg.vocab_size <= 0:
     cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
   devices = jax.devices()
@@ -445,7 +445,7 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
       peak_flops=peak, peak_memory_bytes=peak_mem, xla_memory_bytes=xla_memory_estimate(compiled),
       compile_s=compile_s,
       loss_first=first_loss, loss_last=last_loss, steps_done=steps_done,
-      scan_layers=cfg.scan_layers, remat_prevent_cse=cfg.remat_prevent_cse)
+      scan_layers=cfg.scan_layers, remat_cse_repeats=cfg.remat_cse_repeats)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -459,8 +459,9 @@ TABLE_HEADER = ("| preset | B x L | attn | remat | dispatch | layers | step ms |
 
 
 def table_row(r: Result) -> str:
-  cse = not (r.remat_prevent_cse or r.remat == "none" or r.scan_layers)
-  remat = f"{r.remat}+cse" if cse else r.remat
+  remat = r.remat
+  if r.remat_cse_repeats and r.remat != "none" and not r.scan_layers:
+    remat += "+cse" if r.remat_cse_repeats < 0 else f"+cse{r.remat_cse_repeats}"
   return (f"| {r.preset} | {r.batch} x {r.seq} | {r.attention_impl} | {remat} | {r.dispatch} | "
           f"{'scan' if r.scan_layers else 'unrolled'} | {r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
           f"{100 * r.mfu:.1f}% | {r.peak_flops / 1e12:.1f} | {_gib(r.peak_memory_bytes)} | "
@@ -499,9 +500,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--logits_dtype", default=None, help="override ModelConfig.logits_dtype")
   p.add_argument("--scan_layers", default=None, choices=("true", "false"),
                  help="override ModelConfig.scan_layers (false: a Python loop over the layers)")
-  p.add_argument("--remat_prevent_cse", default=None, choices=("true", "false"),
-                 help="override ModelConfig.remat_prevent_cse (false: XLA may reuse forward "
-                      "values in the rematerialised backward of unrolled layers)")
+  p.add_argument("--remat_cse_repeats", type=int, default=None,
+                 help="override ModelConfig.remat_cse_repeats (unrolled layers: the first N "
+                      "repeats let XLA reuse forward values in their backward; -1 = all)")
   p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
   p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
   p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
@@ -524,8 +525,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
           optimizer=a.optimizer, profile_dir=a.profile_dir,
           num_devices=a.num_devices, logits_dtype=a.logits_dtype,
           scan_layers=None if a.scan_layers is None else a.scan_layers == "true",
-          remat_prevent_cse=(None if a.remat_prevent_cse is None
-                             else a.remat_prevent_cse == "true"))
+          remat_cse_repeats=a.remat_cse_repeats)
   print(report(r), flush=True)
   if a.json:
     with open(a.json, "a", encoding="utf-8") as f:
