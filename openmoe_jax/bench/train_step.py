@@ -10,16 +10,7 @@ It compiles the real `train_step` (`train_step.make_setup / init_state / jit_tra
 donated) on the default device with synthetic batches in the data contract's format, times
 `--steps` device-synchronised steps after `--warmup` ones and reports their median.
 
-Model FLOPs per token (training = forward + backward = 3 x forward):
-    6 * N_active  +  6 * n_layers * H * K * L_ctx
-  - N_active: parameters of every matrix a token goes through, counted once per application.
-    Expert weights (a leading expert axis, e.g. [E, D, F]) count k / E of their size (k = experts
-    chosen per token), weights of a layer shared by Universal-Transformer repeats count once per
-    repeat, the output head counts, the input embedding lookup does not (unless tied, where it
-    is the head). Routers count fully; norm scales (vectors) are ignored.
-  - attention: QK^T and PV cost 2 * 2 * H * K multiply-adds per (query, key) pair; with a causal
-    mask a query sees on average L/2 keys (masked-out half not counted), so the forward costs
-    2 * H * K * L per token per layer. Prefix-LM rows see a little more; not counted.
+Model FLOPs per token: `openmoe_jax.bench.flops` (formula in its docstring).
 MFU = model FLOPs per second / the dense bf16 matmul peak measured on the same device in the same
 run (an n x n x n matmul, fastest of 30). Peak memory is the allocator's peak bytes in use where the
 device reports it (GPU/TPU; once per process, so run one configuration per process for exact
@@ -30,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import statistics
@@ -43,86 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from openmoe_jax import axes as ax
 from openmoe_jax import sharding
 from openmoe_jax import train_step as ts
-from openmoe_jax import transformer
-from openmoe_jax.config import MeshConfig, ModelConfig, MoeConfig, OptimConfig
+from openmoe_jax.bench.flops import active_params_per_token, model_flops_per_token  # noqa: F401
+from openmoe_jax.bench.presets import (BUILTIN_PRESETS, available_presets,  # noqa: F401
+                                       resolve_preset)
+from openmoe_jax.config import MeshConfig, ModelConfig, OptimConfig
 
 MIN_STEPS = 10  # the median is taken over at least this many timed steps
 MASKS = ("causal", "prefix_packed")
 
-# Always-available shapes, so the benchmark runs in CI before / without the preset registries.
-BUILTIN_PRESETS: dict[str, Any] = {
-    "bench-tiny-dense": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
-                                    n_kv_heads=2, d_ff=128, max_seq_len=128),
-    "bench-tiny-moe": ModelConfig(
-        vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_ff=128, max_seq_len=128,
-        moe=MoeConfig(num_experts=4, top_k=2, d_expert=64, layer_period=2, layer_offset=1)),
-}
-
-def moeut_244m_standin() -> ModelConfig:
-  """MoEUT-244M's shape (official profiles.py MoEUT_244M: d_model 1024, 18 layers, group size 2,
-  4 heads of 128, 387 sigma-MoE experts of 128 with k=16, ReLU, peri-LN; vocabulary 8000 as in
-  the paper) with plain dense attention of the same heads instead of SwitchHead: isolates the
-  sigma-MoE FFN. The full model is the `moeut-244m` preset."""
-  return ModelConfig(
-      vocab_size=8000, d_model=1024, n_layers=18, n_heads=4, head_dim=128, d_ff=128,
-      activation="relu", max_seq_len=1024, rope_fraction=0.5, n_shared_groups=2,
-      norm_scheme="peri",
-      moe=MoeConfig(num_experts=387, top_k=16, d_expert=128, router="sigma", activation="relu",
-                    dropless=True, dispatch="gmm", load_balance_weight=0.0, z_loss_weight=0.0,
-                    entropy_weight=0.01))
-
-
-BUILTIN_PRESETS["bench-moeut-244m"] = moeut_244m_standin  # type: ignore[assignment]
-# Modules whose module-level upper-case dicts of name -> ModelConfig (or a callable returning one, or an
-# object with a `.model` ModelConfig) are searched for presets, in order.
-PRESET_MODULES = ("openmoe_jax.presets", "openmoe_jax.presets_moeut")
-
-
-# ----------------------------------------------------------------------------- presets
-
-def _as_model_config(value: Any) -> ModelConfig | None:
-  if isinstance(value, ModelConfig):
-    return value
-  model = getattr(value, "model", None)
-  if isinstance(model, ModelConfig):
-    return model
-  return None
-
-
-def available_presets() -> dict[str, Any]:
-  """name -> ModelConfig, a factory, or a bundle with `.model`, from PRESET_MODULES + builtins."""
-  found: dict[str, Any] = {}
-  for mod_name in PRESET_MODULES:
-    try:
-      mod = importlib.import_module(mod_name)
-    except ImportError:  # not written yet, or needs a package the device image lacks
-      continue
-    for attr_name, attr in vars(mod).items():
-      if attr_name.startswith("_") or not attr_name.isupper():
-        continue  # registries are module constants (PRESETS), not __builtins__ and the like
-      if isinstance(attr, dict) and attr and all(isinstance(k, str) for k in attr):
-        for name, value in attr.items():
-          if _as_model_config(value) is not None or callable(value):
-            found.setdefault(name, value)
-  for name, cfg in BUILTIN_PRESETS.items():
-    found.setdefault(name, cfg)
-  return found
-
-
-def resolve_preset(name: str) -> ModelConfig:
-  presets = available_presets()
-  if name not in presets:
-    raise ValueError(f"--preset={name!r} is unknown; available: {sorted(presets)}")
-  value = presets[name]
-  cfg = _as_model_config(value)
-  if cfg is None and callable(value):
-    cfg = _as_model_config(value())
-  if cfg is None:
-    raise ValueError(f"preset {name!r} gives {type(value).__name__}, not a ModelConfig")
-  return cfg
 
 
 def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = None,
@@ -150,81 +70,6 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
       moe_changes["gmm_backend"] = gmm_backend
     changes["moe"] = dataclasses.replace(cfg.moe, **moe_changes)
   return dataclasses.replace(cfg, **changes)
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-def _names(leaf: nnx.Variable) -> tuple[str | None, ...]:
-  meta = leaf.get_metadata()
-  names = meta.get("out_sharding") or meta.get("sharding_names") or ()
-  return tuple(names)
-
-
-def _expert_top_k(cfg: ModelConfig, path: Sequence[str]) -> int:
-  """Experts a token uses in the expert weight at `path` (attention experts vs FFN experts)."""
-  if any(p.startswith("attn") for p in path):
-    if cfg.switchhead is not None:
-      return cfg.switchhead.top_k
-    for key in ("att_k", "attn_k", "attention_top_k", "switchhead_k", "att_top_k"):
-      if cfg.option(key) is not None:
-        return int(cfg.option(key))
-    return 2  # SwitchHead / MoEUT default
-  if cfg.moe is None:
-    raise ValueError(f"expert-shaped parameter {'/'.join(path)} in a model without MoeConfig")
-  return cfg.moe.top_k
-
-
-def _expert_axis(name: str, names: tuple[str | None, ...]) -> int | None:
-  """The expert axis of a parameter: its `expert` logical axis, else the `E` of its shape
-  suffix (SwitchHead's w_v_HEDK keeps its expert axis replicated, so it has no logical name);
-  a leading scan (layers) axis is skipped."""
-  if ax.EXPERT in names:
-    return names.index(ax.EXPERT)
-  suffix = name.rsplit("_", 1)[-1]
-  dims = [i for i, n in enumerate(names) if n != ax.LAYERS]  # scan stacks a leading layer axis
-  # An `E` that is the last letter is a router's output (w_sel_v_DHE), not an expert axis.
-  if ("_" in name and suffix.isupper() and len(suffix) == len(dims) and "E" in suffix[:-1]):
-    return dims[suffix.index("E")]
-  return None
-
-
-def active_params_per_token(cfg: ModelConfig) -> float:
-  """N_active of the module docstring, from the abstract model (no allocation)."""
-  model = nnx.eval_shape(lambda: ts.build_model(cfg, 0))
-  params = nnx.state(model, nnx.Param)
-  plan = transformer.segment_plan(cfg)
-  total = 0.0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-    keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-    shape = tuple(leaf.get_value().shape)
-    names = _names(leaf)
-    if len(names) != len(shape):
-      names = (None,) * len(shape)
-    dims = [d for d, n in zip(shape, names) if n != ax.LAYERS]
-    if len(dims) < 2:
-      continue  # norm scales, biases
-    if "embed" in keys and not cfg.tie_embeddings:
-      continue  # an embedding lookup is a gather, not a matmul
-    size = float(math.prod(shape))
-    e_axis = _expert_axis(keys[-1], names)
-    if e_axis is not None and len(dims) >= 3:  # [E, D, F]-like; a router [D, E] is dense
-      size *= _expert_top_k(cfg, keys) / shape[e_axis]
-    if "segments" in keys:
-      seg = int(keys[keys.index("segments") + 1])
-      _, _, repeats, shared = plan[seg]
-      if shared:
-        size *= repeats
-    total += size
-  return total
-
-
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> tuple[float, float, float]:
-  """(total, 6 * N_active, attention) training FLOPs per token; formula in the docstring."""
-  n_active = active_params_per_token(cfg)
-  dense = 6.0 * n_active
-  attn = 6.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq
-  return dense + attn, dense, attn
 
 
 # ----------------------------------------------------------------------------- batches
