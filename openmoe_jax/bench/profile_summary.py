@@ -1,6 +1,7 @@
 """Where a profiled step's device time goes: a top-N table of kernels from a Perfetto trace.
 
     python -m openmoe_jax.bench.profile_summary PROFILE_DIR [--top 30] [--steps 3]
+        [--hlo_dump DUMP_DIR]
 
 Reads the newest `perfetto_trace.json.gz` that `jax.profiler.start_trace(dir,
 create_perfetto_trace=True)` wrote under PROFILE_DIR, keeps the complete events ("ph": "X") of
@@ -8,6 +9,12 @@ device processes (their process name mentions a GPU / TPU / stream), groups them
 they belong to (the event's `hlo_op` / `long_name` argument, else its name) and prints total
 milliseconds per step, share of device time and call count. No TensorBoard plugin needed, so
 it runs on a bare device image.
+
+With `--hlo_dump` (the folder of `XLA_FLAGS=--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_text`;
+profile with `--xla_gpu_enable_command_buffer=` so kernels keep their HLO names) a third table
+groups the time by the JAX operation each HLO instruction came from (its `op_name` metadata,
+numbers stripped, with the source line): which line of the model costs what, forward and
+backward apart.
 """
 from __future__ import annotations
 
@@ -68,10 +75,35 @@ def kernel_kind(ev: dict[str, Any]) -> str:
   return re.sub(r"[.][0-9]+$", "", op)
 
 
-def summarize(trace_path: str, steps: int = 1, by_kind: bool = False
+def hlo_sources(dump_dir: str) -> dict[str, str]:
+  """HLO instruction name -> "kind  op_name (file:line)" from the largest optimized module in
+  an XLA text dump (the train step's); op_name has the jit prefix and numbers stripped."""
+  paths = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+  if not paths:
+    raise FileNotFoundError(f"no *after_optimizations.txt under {dump_dir!r} (dump with "
+                            "XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text)")
+  sources: dict[str, str] = {}
+  with open(max(paths, key=os.path.getsize), encoding="utf-8") as f:
+    for line in f:
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", line)
+      if not m or m.group(1) in sources:
+        continue
+      meta = m.group(2)
+      op = re.search(r'op_name="([^"]*)"', meta)
+      src = re.search(r'source_file="([^"]*)" source_line=(\d+)', meta)
+      op_name = re.sub(r"^jit\([^)]*\)/", "", op.group(1)) if op else "?"
+      where = f" ({os.path.basename(src.group(1))}:{src.group(2)})" if src else ""
+      kind = re.sub(r"[.][0-9]+$", "", m.group(1))
+      sources[m.group(1)] = f"{kind}  {re.sub(r'[0-9]+', '#', op_name)}{where}"
+  return sources
+
+
+def summarize(trace_path: str, steps: int = 1, by_kind: bool = False,
+              sources: dict[str, str] | None = None
               ) -> tuple[list[tuple[str, float, int]], float]:
   """([(op, total microseconds per step, calls per step)] sorted by time, device us per step);
-  `by_kind` groups by `kernel_kind` instead of by HLO op instance."""
+  `by_kind` groups by `kernel_kind` instead of by HLO op instance, `sources` (from
+  `hlo_sources`) by the JAX operation the instruction came from."""
   with gzip.open(trace_path, "rt", encoding="utf-8") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
@@ -81,7 +113,10 @@ def summarize(trace_path: str, steps: int = 1, by_kind: bool = False
   for ev in events:
     if ev.get("ph") != "X" or ev.get("pid") not in pids:
       continue
-    name = kernel_kind(ev) if by_kind else _op_name(ev) + _detail(ev)
+    if sources is not None:
+      name = sources.get(_op_name(ev), kernel_kind(ev))
+    else:
+      name = kernel_kind(ev) if by_kind else _op_name(ev) + _detail(ev)
     totals[name] += float(ev.get("dur", 0.0))
     calls[name] += 1
   rows = sorted(((n, t / steps, round(calls[n] / steps)) for n, t in totals.items()),
@@ -102,10 +137,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("profile_dir")
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--steps", type=int, default=3, help="steps the trace covers")
+  p.add_argument("--hlo_dump", default=None, help="XLA text dump of the profiled program: "
+                 "also group the time by JAX operation and source line")
   a = p.parse_args(argv)
   path = find_trace(a.profile_dir)
   for by_kind in (True, False):
     rows, total = summarize(path, a.steps, by_kind=by_kind)
+    print(format_table(rows, total, a.top))
+  if a.hlo_dump:
+    rows, total = summarize(path, a.steps, sources=hlo_sources(a.hlo_dump))
     print(format_table(rows, total, a.top))
 
 
