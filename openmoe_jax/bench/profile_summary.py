@@ -13,8 +13,9 @@ it runs on a bare device image.
 With `--hlo_dump` (the folder of `XLA_FLAGS=--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_text`;
 profile with `--xla_gpu_enable_command_buffer=` so kernels keep their HLO names) a third table
 groups the time by the JAX operation each HLO instruction came from (its `op_name` metadata,
-numbers stripped, with the source line): which line of the model costs what, forward and
-backward apart.
+numbers stripped, with the source line where the metadata carries one; jax 0.11's GPU dumps
+keep only the op_name): which operation of the model costs what, forward, backward and
+rematerialised forward apart. Checked on an H100 dump of the MoEUT-244M step.
 """
 from __future__ import annotations
 
