@@ -194,12 +194,24 @@ def test_interleaved_items_gather_by_relative_position():
   frac = (tile - first + 0.5) / np.maximum((ends[grp] + 15) // 16 - first, 1)
   assert np.all(np.diff(frac) >= 0)
   assert grp[:3].tolist() == [3, 1, 5]  # 1/6 into group 3, 1/4 into group 1 and the tail
+  # Blocks of 2 groups ({0, 1}, {2, 3}, {4, tail}) run one after the other, each interleaved.
+  mb = metadata.interleave_items(metadata.make_group_metadata(jnp.array(sizes), 120, 16), 16, 2)
+  assert int(mb.num_items[0]) == n
+  grp_b, tile_b = np.asarray(mb.item_group)[:n], np.asarray(mb.item_tile)[:n]
+  assert sorted(zip(grp_b, tile_b)) == sorted(zip(grp, tile))
+  assert np.all(np.diff(grp_b // 2) >= 0)
+  first_b = starts[grp_b] // 16
+  frac_b = (tile_b - first_b + 0.5) / np.maximum((ends[grp_b] + 15) // 16 - first_b, 1)
+  for blk in range(3):
+    assert np.all(np.diff(frac_b[grp_b // 2 == blk]) >= 0)
+  assert grp_b[:3].tolist() == [1, 0, 1]
   m, k, n_out = 120, 24, 20
   gs = jnp.array(sizes, jnp.int32)
   lhs, rhs, _, ri = _inputs(9, m, k, n_out, len(sizes), jnp.float32, rows=30)
-  t = dataclasses.replace(TILING["pallas_gpu"], interleave=1)
-  out = gmm_lib.gmm(lhs, rhs, gs, backend="pallas_gpu", tiling=t, interpret=True, row_index=ri)
-  assert _rel(out, _np_gmm(lhs, rhs, gs, ri)) <= 1e-5
+  for il in (1, 2):
+    t = dataclasses.replace(TILING["pallas_gpu"], interleave=il)
+    out = gmm_lib.gmm(lhs, rhs, gs, backend="pallas_gpu", tiling=t, interpret=True, row_index=ri)
+    assert _rel(out, _np_gmm(lhs, rhs, gs, ri)) <= 1e-5
 
 
 def test_backend_switch(monkeypatch):

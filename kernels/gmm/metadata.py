@@ -60,9 +60,11 @@ def make_group_metadata(group_sizes_G: jax.Array, m: int, tile_m: int, *,
                        num_valid.reshape(1).astype(jnp.int32))
 
 
-def interleave_items(md: GroupMetadata, tile_m: int) -> GroupMetadata:
+def interleave_items(md: GroupMetadata, tile_m: int, block: int = 0) -> GroupMetadata:
   """The same work items, reordered by their relative position inside their group (then by
-  group); invalid items stay last. With rows sorted by group and, inside a group, by source
+  group); invalid items stay last. `block` > 1 interleaves blocks of `block` consecutive
+  groups one block after the other (so the weights of the groups running together can stay
+  in L2 too); 0 or 1 interleaves all groups. With rows sorted by group and, inside a group, by source
   row (a stable sort of gathered tokens), the items that run together then read source rows
   from one narrow range, so a source row gathered by many groups (MoEUT's k = 16) is fetched
   from HBM about once and served from L2 afterwards."""
@@ -71,6 +73,9 @@ def interleave_items(md: GroupMetadata, tile_m: int) -> GroupMetadata:
   first = md.starts[md.item_group] // tile_m
   count = jnp.maximum((md.ends[md.item_group] + tile_m - 1) // tile_m - first, 1)
   frac = (md.item_tile - first).astype(jnp.float32) + 0.5
-  key = jnp.where(item < md.num_items[0], frac / count.astype(jnp.float32), 2.0)
+  key = frac / count.astype(jnp.float32)
+  if block > 1:
+    key = key + 2.0 * (md.item_group // block).astype(jnp.float32)
+  key = jnp.where(item < md.num_items[0], key, jnp.inf)
   order = jnp.argsort(key, stable=True)
   return md._replace(item_group=md.item_group[order], item_tile=md.item_tile[order])

@@ -108,7 +108,7 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   out_dtype = out_dtype or lhs_XK.dtype
   meta = md_lib.make_group_metadata(group_sizes_G, m, t.tm)
   if t.interleave:  # L2 reuse of source rows that many groups gather (see interleave_items)
-    meta = md_lib.interleave_items(meta, t.tm)
+    meta = md_lib.interleave_items(meta, t.tm, t.interleave)
   num_items = meta.item_group.shape[0]
   gather = row_index_M is not None
   kernel = functools.partial(

@@ -21,7 +21,8 @@ class Tiling:
   cluster: int = 1       # pallas_mgpu gmm only: 2 = CTA pairs share the lhs tile (TMA multicast)
   delay_release: int = 0  # pallas_mgpu gmm only: 1 = one wgmma in flight across K steps
   interleave: int = 0    # pallas_gpu gmm only: 1 = items by relative position in their group
-  #                        (metadata.interleave_items: L2 reuse of rows many groups gather)
+  #                        (metadata.interleave_items: L2 reuse of rows many groups gather);
+  #                        B > 1 = the same inside consecutive blocks of B groups
 
   def __post_init__(self):
     for name in ("tm", "tn", "tk", "num_warps", "num_stages", "group_m", "ctas_per_sm", "cluster"):
