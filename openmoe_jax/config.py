@@ -173,6 +173,9 @@ class ModelConfig:
   z_loss: float = 0.0  # output-logit z-loss coefficient (PaLM/OpenMoE style)
   logits_dtype: str = "float32"  # dtype of the [B, L, V] logits the head writes: "bfloat16"
   #   halves their bytes and their gradient's (large vocabularies); the loss still reduces in f32
+  loss_chunk_len: int = 0  # training/eval loss: run the head + cross-entropy over chunks of
+  #   this many positions, each rematerialised in the backward, so the [B, L, V] logits and
+  #   their gradient never exist whole (large vocabularies); 0 = one pass over all of L
   extra: tuple[tuple[str, object], ...] = ()  # family-specific options (SwitchHead, UMoE), key/value
   switchhead: SwitchHeadConfig | None = None  # needed by attention="switchhead"
   umoe: UmoeConfig | None = None  # needed by attention="umoe" (the block then has no `moe` FFN)
@@ -200,6 +203,7 @@ class ModelConfig:
     if self.remat_cse_repeats < -1:
       raise ValueError(f"ModelConfig.remat_cse_repeats={self.remat_cse_repeats}; expected "
                        ">= 0, or -1 for every repeat")
+    _positive("ModelConfig.loss_chunk_len", self.loss_chunk_len, allow_zero=True)
     _choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _choice("ModelConfig.init_scheme", self.init_scheme, ("scaled", "moeut"))
     _check(self.attention != "switchhead" or self.switchhead is not None,

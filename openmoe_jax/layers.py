@@ -96,7 +96,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding [V, D]; `attend` gives tied output logits."""
+  """Token embedding [V, D] (tied output logits: `transformer.head_logits`)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, std: float = 1.0):
     self.dtype = dtype_of(cfg.dtype)
@@ -105,11 +105,6 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
     return jnp.take(self.embedding_VD[...], tokens_BL, axis=0).astype(self.dtype)
-
-  def attend(self, x_BLD: jax.Array) -> jax.Array:
-    # Embeddings are initialised with unit variance, so scale logits back to O(1).
-    scale = x_BLD.shape[-1] ** -0.5
-    return jnp.einsum("BLD,VD->BLV", x_BLD * scale, self.embedding_VD[...].astype(x_BLD.dtype))
 
 
 def rope_frequencies(head_dim: int, fraction: float, theta: float) -> jax.Array:

@@ -1,6 +1,8 @@
 """Token cross-entropy with loss weights, output z-loss and accuracy (all in float32)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -75,6 +77,41 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
       "correct_sum": jnp.sum(correct_BL * weights_BL),
       "weight_sum": jnp.sum(weights_BL),
   }
+
+
+def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                          targets_BL: jax.Array, weights_BL: jax.Array, chunk_len: int,
+                          z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """`cross_entropy(logits_fn(x_BLD), ...)` computed over chunks of `chunk_len` positions.
+
+  A scan walks the chunks; each chunk's logits are recomputed in the backward
+  (`jax.checkpoint`), so at most one [B, chunk_len, V] block of logits and of their gradient
+  exists at a time instead of the whole [B, L, V]. The cost is one more head matmul in the
+  backward. `logits_fn` must be a pure function of its argument (closing over the head
+  weight is fine: its gradient accumulates over the chunks in the weight's dtype).
+  """
+  b, length, d = x_BLD.shape
+  if chunk_len <= 0 or chunk_len >= length:
+    return cross_entropy(logits_fn(x_BLD), targets_BL, weights_BL, z_loss)
+  if length % chunk_len:
+    raise ValueError(f"loss chunk length {chunk_len} does not divide the sequence length "
+                     f"{length}; pick a divisor (ModelConfig.loss_chunk_len)")
+  n = length // chunk_len
+
+  def split(a):  # [B, L, ...] -> [n, B, chunk_len, ...]: chunks along L keep B's sharding
+    return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def chunk_sums(x_BCD, t_BC, w_BC):
+    return cross_entropy(logits_fn(x_BCD), t_BC, w_BC, z_loss)
+
+  def body(acc, chunk):
+    return jax.tree.map(jnp.add, acc, chunk_sums(*chunk)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = {"loss_sum": zero, "z_loss_sum": zero, "correct_sum": zero, "weight_sum": zero}
+  sums, _ = jax.lax.scan(body, init, (split(x_BLD), split(targets_BL), split(weights_BL)))
+  return sums
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

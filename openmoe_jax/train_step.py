@@ -71,14 +71,19 @@ def init_state(setup: Setup, seed: int) -> State:
 
 def _forward_sums(setup: Setup, params: Any, batch: Batch, rng: jax.Array | None,
                   deterministic: bool) -> tuple[dict[str, jax.Array], Any]:
+  cfg = setup.model_cfg
   model = nnx.merge(setup.graphdef, params)
-  logits_BLV, aux, _ = model(batch["decoder_input_tokens"],
-                             positions_BL=batch["decoder_positions"],
-                             segment_ids_BL=batch["decoder_segment_ids"],
-                             prefix_BL=batch["decoder_causal_attention"],
-                             rng=rng, deterministic=deterministic)
-  sums = losses.cross_entropy(logits_BLV, batch["decoder_target_tokens"],
-                              batch["decoder_loss_weights"], setup.model_cfg.z_loss)
+  # With loss_chunk_len the model stops at the hidden states; the head runs chunk by chunk.
+  x_BLD, aux, _ = model(batch["decoder_input_tokens"],
+                        positions_BL=batch["decoder_positions"],
+                        segment_ids_BL=batch["decoder_segment_ids"],
+                        prefix_BL=batch["decoder_causal_attention"],
+                        rng=rng, deterministic=deterministic, return_hidden=True)
+  weight = model.head_weight()
+  sums = losses.chunked_cross_entropy(
+      x_BLD, lambda h_BLD: transformer.head_logits(cfg, h_BLD, weight),
+      batch["decoder_target_tokens"], batch["decoder_loss_weights"], cfg.loss_chunk_len,
+      cfg.z_loss)
   sums["aux_loss"] = transformer.total_aux_loss(aux)
   return sums, aux
 

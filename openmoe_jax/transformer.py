@@ -247,11 +247,14 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, prefix_BL: jax.Array | None = None,
                cache: dict[str, Any] | None = None, rng: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, Aux, dict[str, Any] | None]:
+               deterministic: bool = True,
+               return_hidden: bool = False) -> tuple[jax.Array, Aux, dict[str, Any] | None]:
     """Returns (logits [B, L, V] in cfg.logits_dtype, aux, updated cache or None).
 
     Without `segment_ids_BL` every token is real; without `prefix_BL` attention is causal.
     With `cache` (from `generate.init_cache`), the chunk is written at `cache["index"]`.
+    `return_hidden` returns the final-normed hidden states [B, L, D] instead of the logits
+    (`head_weight` and `head_logits` turn them into logits, e.g. chunk by chunk).
     """
     cfg = self.cfg
     b, l = tokens_BL.shape
@@ -285,13 +288,26 @@ class Transformer(nnx.Module):
       if new_cache is not None:
         new_cache["layers"].append(seg_cache)
     x_BLD = self.final_norm(x_BLD)
-    if self.head_DV is None:
-      logits_BLV = self.embed.attend(x_BLD)
-    else:
-      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.head_DV[...].astype(x_BLD.dtype))
-    logits_BLV = sharding.constrain(logits_BLV.astype(cfg.logits_dtype),
-                                    (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
-    return logits_BLV, aux, new_cache
+    if return_hidden:
+      return x_BLD, aux, new_cache
+    return head_logits(cfg, x_BLD, self.head_weight()), aux, new_cache
+
+  def head_weight(self) -> jax.Array:
+    """The output projection's parameter: [D, V], or the tied embedding table [V, D]."""
+    return self.embed.embedding_VD[...] if self.head_DV is None else self.head_DV[...]
+
+
+def head_logits(cfg: ModelConfig, x_BLD: jax.Array, weight: jax.Array) -> jax.Array:
+  """Logits [B, L, V] in cfg.logits_dtype from final-normed hidden states and
+  `Transformer.head_weight()` (a pure function, so it can run inside scan / checkpoint)."""
+  if cfg.tie_embeddings:
+    # Embeddings are initialised with unit variance, so scale logits back to O(1).
+    logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD * x_BLD.shape[-1] ** -0.5,
+                            weight.astype(x_BLD.dtype))
+  else:
+    logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, weight.astype(x_BLD.dtype))
+  return sharding.constrain(logits_BLV.astype(cfg.logits_dtype),
+                            (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 
 
 def total_aux_loss(aux: Aux) -> jax.Array:

@@ -46,3 +46,62 @@ def test_accuracy_and_weights():
   assert float(s["correct_sum"]) == 1.0 and float(s["weight_sum"]) == 2.0
   m = losses.summarize(s)
   assert abs(float(m["accuracy"]) - 0.5) < 1e-7
+
+
+def _head_problem(b=2, length=24, d=8, v=37, seed=1):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(ks[0], (b, length, d))
+  w = jax.random.normal(ks[1], (d, v))
+  targets = jax.random.randint(ks[2], (b, length), 0, v)
+  weights = (jax.random.uniform(ks[3], (b, length)) > 0.3).astype(jnp.float32)
+  return x, w, targets, weights
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 12])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_loss_equals_whole_in_value_and_gradient(chunk, z_loss):
+  """Chunking the head + loss over L changes nothing: the sums and the gradients of both the
+  hidden states and the (closed-over) head weight match the one-pass loss and float64."""
+  x, w, targets, weights = _head_problem()
+
+  def total(x, w, chunk_len):
+    s = losses.chunked_cross_entropy(x, lambda h: h @ w, targets, weights, chunk_len, z_loss)
+    return s["loss_sum"] + s["z_loss_sum"], s
+
+  (whole, s_whole), g_whole = jax.value_and_grad(total, (0, 1), has_aux=True)(x, w, 0)
+  (chunked, s_chunk), g_chunk = jax.value_and_grad(total, (0, 1), has_aux=True)(x, w, chunk)
+  want, want_dlogits = _reference(np.asarray(x, np.float64) @ np.asarray(w, np.float64),
+                                  targets, weights, z_loss)
+  np.testing.assert_allclose(float(chunked), want, rtol=1e-5)
+  np.testing.assert_allclose(float(whole), want, rtol=1e-5)
+  for key in s_whole:
+    np.testing.assert_allclose(float(s_chunk[key]), float(s_whole[key]), rtol=1e-5)
+  want_dx = want_dlogits @ np.asarray(w, np.float64).T
+  want_dw = np.einsum("bld,blv->dv", np.asarray(x, np.float64), want_dlogits)
+  np.testing.assert_allclose(np.asarray(g_chunk[0]), want_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_chunk[1]), want_dw, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_whole[1]), want_dw, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+  """The compiled gradient of the chunked loss needs far less scratch memory than the size
+  of the [B, L, V] float32 logits; the one-pass loss needs at least that much."""
+  x, w, targets, weights = _head_problem(b=2, length=512, d=16, v=4096)
+  logits_bytes = 2 * 512 * 4096 * 4
+
+  def temp_bytes(chunk_len):
+    def total(x, w):
+      s = losses.chunked_cross_entropy(x, lambda h: h @ w, targets, weights, chunk_len)
+      return s["loss_sum"]
+    compiled = jax.jit(jax.grad(total, (0, 1))).lower(x, w).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(32)
+  assert whole >= logits_bytes, (whole, logits_bytes)
+  assert chunked < logits_bytes / 4, (chunked, logits_bytes)
+
+
+def test_chunk_that_does_not_divide_the_length_is_refused():
+  x, w, targets, weights = _head_problem(length=24)
+  with pytest.raises(ValueError, match="loss_chunk_len"):
+    losses.chunked_cross_entropy(x, lambda h: h @ w, targets, weights, 5)

@@ -96,6 +96,35 @@ def test_grad_accumulation_equals_big_batch():
   np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_loss_chunks_equal_one_pass_loss(tie):
+  """ModelConfig.loss_chunk_len runs the head + loss chunk by chunk: same loss, metrics and
+  updated parameters as the one-pass loss (tied and untied heads, z-loss on)."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  batch = {"decoder_input_tokens": rng.integers(1, 64, (2, 16)),
+           "decoder_target_tokens": rng.integers(1, 64, (2, 16)),
+           "decoder_loss_weights": rng.integers(0, 2, (2, 16)).astype(np.float32),
+           "decoder_segment_ids": np.ones((2, 16), np.int32),
+           "decoder_positions": np.tile(np.arange(16), (2, 1)),
+           "decoder_causal_attention": np.zeros((2, 16), np.int32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  out = []
+  for chunk in (0, 4):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32",
+                      tie_embeddings=tie, z_loss=1e-2, loss_chunk_len=chunk)
+    setup = ts.make_setup(cfg, OptimConfig(warmup_steps=0), 10, 0, mesh,
+                          sharding.RULES["data_parallel"])
+    state, m = ts.jit_train_step(setup, batch)(ts.init_state(setup, 0), batch)
+    out.append((state["params"], m, ts.eval_step(setup, state["params"], batch)))
+  for x, y in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+    np.testing.assert_allclose(x, y, atol=2e-6)
+  for key in ("loss", "accuracy", "z_loss"):
+    np.testing.assert_allclose(out[0][1][key], out[1][1][key], rtol=1e-6)
+  for key in ("loss_sum", "z_loss_sum", "correct_sum", "weight_sum"):  # eval_step's sums
+    np.testing.assert_allclose(out[0][2][key], out[1][2][key], rtol=1e-6)
+
+
 def _launch(*args, env=None):
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
                         capture_output=True, text=True, cwd=REPO, timeout=300,

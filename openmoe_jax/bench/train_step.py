@@ -3,7 +3,7 @@
     python -m openmoe_jax.bench.train_step --preset NAME [--batch B --seq L]
         [--attention_impl xla|cudnn|pallas] [--remat none|dots|full] [--dispatch einsum|ragged|gmm]
         [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--scan_layers true|false]
-        [--remat_cse_repeats N]
+        [--remat_cse_repeats N] [--loss_chunk_len C]
         [--profile_dir DIR] [--json FILE]
 
 It compiles the real `train_step` (`train_step.make_setup / init_state / jit_train_step`, state
@@ -50,7 +50,8 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
                     gmm_backend: str | None = None, dtype: str | None = None,
                     scan_layers: bool | None = None,
                     logits_dtype: str | None = None,
-                    remat_cse_repeats: int | None = None) -> ModelConfig:
+                    remat_cse_repeats: int | None = None,
+                    loss_chunk_len: int | None = None) -> ModelConfig:
   """The preset with benchmark overrides; None leaves a field as the preset has it."""
   changes: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, seq)}
   if attention_impl is not None:
@@ -59,7 +60,8 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
                        "checkout does not have")
     changes["attention_impl"] = attention_impl
   for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers),
-                      ("logits_dtype", logits_dtype), ("remat_cse_repeats", remat_cse_repeats)):
+                      ("logits_dtype", logits_dtype), ("remat_cse_repeats", remat_cse_repeats),
+                      ("loss_chunk_len", loss_chunk_len)):
     if value is not None:
       changes[name] = value
   if (dispatch is not None or gmm_backend is not None) and cfg.moe is not None:
@@ -217,6 +219,7 @@ class Result:
   steps_done: int
   scan_layers: bool = True  # False: the layer loop unrolled (--scan_layers false)
   remat_cse_repeats: int = 0  # --remat_cse_repeats (shown as "dots+cse" (all) or "dots+cseN")
+  loss_chunk_len: int = 0  # --loss_chunk_len (shown in the layers column as "+ceC")
 
 
 def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
@@ -225,13 +228,14 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
         peak_size: int | None = None, peak_dtype: str = "bfloat16",
         optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
         logits_dtype: str | None = None, scan_layers: bool | None = None,
-        remat_cse_repeats: int | None = None, cfg: ModelConfig | None = None) -> Result:
+        remat_cse_repeats: int | None = None, loss_chunk_len: int | None = None,
+        cfg: ModelConfig | None = None) -> Result:
   """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
   base = cfg if cfg is not None else resolve_preset(preset)
   cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
                         dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype,
                         logits_dtype=logits_dtype, scan_layers=scan_layers,
-                        remat_cse_repeats=remat_cse_repeats)
+                        remat_cse_repeats=remat_cse_repeats, loss_chunk_len=loss_chunk_len)
   if cfg.vocab_size <= 0:
     cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
   devices = jax.devices()
@@ -290,7 +294,8 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
       peak_flops=peak, peak_memory_bytes=peak_mem, xla_memory_bytes=xla_memory_estimate(compiled),
       compile_s=compile_s,
       loss_first=first_loss, loss_last=last_loss, steps_done=steps_done,
-      scan_layers=cfg.scan_layers, remat_cse_repeats=cfg.remat_cse_repeats)
+      scan_layers=cfg.scan_layers, remat_cse_repeats=cfg.remat_cse_repeats,
+      loss_chunk_len=cfg.loss_chunk_len)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -308,7 +313,7 @@ def table_row(r: Result) -> str:
   if r.remat_cse_repeats and r.remat != "none" and not r.scan_layers:
     remat += "+cse" if r.remat_cse_repeats < 0 else f"+cse{r.remat_cse_repeats}"
   return (f"| {r.preset} | {r.batch} x {r.seq} | {r.attention_impl} | {remat} | {r.dispatch} | "
-          f"{'scan' if r.scan_layers else 'unrolled'} | {r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
+          f"{'scan' if r.scan_layers else 'unrolled'}{f'+ce{r.loss_chunk_len}' if r.loss_chunk_len else ''} | {r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
           f"{100 * r.mfu:.1f}% | {r.peak_flops / 1e12:.1f} | {_gib(r.peak_memory_bytes)} | "
           f"{_gib(r.xla_memory_bytes)} | {r.compile_s:.1f} |")
 
@@ -348,6 +353,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--remat_cse_repeats", type=int, default=None,
                  help="override ModelConfig.remat_cse_repeats (unrolled layers: the first N "
                       "repeats let XLA reuse forward values in their backward; -1 = all)")
+  p.add_argument("--loss_chunk_len", type=int, default=None,
+                 help="override ModelConfig.loss_chunk_len (head + cross-entropy over chunks "
+                      "of C positions, rematerialised: the [B, L, V] logits never exist whole)")
   p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
   p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
   p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
@@ -370,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
           optimizer=a.optimizer, profile_dir=a.profile_dir,
           num_devices=a.num_devices, logits_dtype=a.logits_dtype,
           scan_layers=None if a.scan_layers is None else a.scan_layers == "true",
-          remat_cse_repeats=a.remat_cse_repeats)
+          remat_cse_repeats=a.remat_cse_repeats, loss_chunk_len=a.loss_chunk_len)
   print(report(r), flush=True)
   if a.json:
     with open(a.json, "a", encoding="utf-8") as f:
