@@ -1,10 +1,14 @@
 """Token cross-entropy with loss weights, output z-loss and accuracy (all in float32)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+LOG_Z_NAME = "loss_log_z"  # per-token log-partition, kept when the loss is rematerialised
 
 
 def max_and_argmax(x_BLV: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -36,7 +40,9 @@ def _log_z_and_target(logits_BLV: jax.Array, targets_BL: jax.Array,
 
 def _log_z_fwd(logits_BLV, targets_BL, max_BL):
   log_z_BL, target_BL = _log_z_and_target(logits_BLV, targets_BL, max_BL)
-  return (log_z_BL, target_BL), (logits_BLV, targets_BL, log_z_BL)
+  # Named so that a rematerialising policy can keep it (chunked_cross_entropy): the
+  # backward then recomputes only the logits, not the reductions over V.
+  return (log_z_BL, target_BL), (logits_BLV, targets_BL, checkpoint_name(log_z_BL, LOG_Z_NAME))
 
 
 def _log_z_bwd(res, cts):
@@ -86,8 +92,8 @@ def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax
 
   A scan walks the chunks; each chunk's logits are recomputed in the backward
   (`jax.checkpoint`), so at most one [B, chunk_len, V] block of logits and of their gradient
-  exists at a time instead of the whole [B, L, V]. The cost is one more head matmul in the
-  backward. `logits_fn` must be a pure function of its argument (closing over the head
+  exists at a time instead of the whole [B, L, V]. The per-token log-partition is kept, so
+  the backward redoes only the head matmul, not the reductions over V. `logits_fn` must be a pure function of its argument (closing over the head
   weight is fine: its gradient accumulates over the chunks in the weight's dtype).
   """
   b, length, d = x_BLD.shape
@@ -101,7 +107,8 @@ def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax
   def split(a):  # [B, L, ...] -> [n, B, chunk_len, ...]: chunks along L keep B's sharding
     return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
 
-  @jax.checkpoint
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(
+      LOG_Z_NAME))
   def chunk_sums(x_BCD, t_BC, w_BC):
     return cross_entropy(logits_fn(x_BCD), t_BC, w_BC, z_loss)
 

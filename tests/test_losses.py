@@ -101,6 +101,42 @@ def test_chunked_loss_never_holds_the_whole_logits():
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)
 
 
+def _count_primitives(closed_jaxpr, names):
+  counts = dict.fromkeys(names, 0)
+
+  def walk(jp):  # scan / checkpoint / custom_vjp / pjit sub-jaxprs too
+    for eqn in jp.eqns:
+      if eqn.primitive.name in counts:
+        counts[eqn.primitive.name] += 1
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return counts
+
+
+def test_chunked_backward_redoes_the_matmul_but_not_the_reductions_over_v():
+  """The rematerialised chunk keeps the per-token log-partition: its gradient program has one
+  more head matmul than the one-pass loss and no second (max, argmax) or exp-sum pass."""
+  x, w, targets, weights = _head_problem(length=32)
+
+  def grad_jaxpr(chunk_len):
+    def total(x, w):
+      s = losses.chunked_cross_entropy(x, lambda h: h @ w, targets, weights, chunk_len)
+      return s["loss_sum"]
+    return jax.make_jaxpr(jax.grad(total, (0, 1)))(x, w)
+
+  names = ("dot_general", "reduce", "exp")
+  whole, chunked = (_count_primitives(grad_jaxpr(c), names) for c in (0, 8))
+  assert whole["reduce"] == chunked["reduce"] == 1, (whole, chunked)
+  assert chunked["exp"] == whole["exp"], (whole, chunked)
+  assert chunked["dot_general"] == whole["dot_general"] + 1, (whole, chunked)
+
+
 def test_chunk_that_does_not_divide_the_length_is_refused():
   x, w, targets, weights = _head_problem(length=24)
   with pytest.raises(ValueError, match="loss_chunk_len"):
