@@ -1,9 +1,6 @@
 """Token cross-entropy with loss weights, output z-loss and accuracy (all in float32)."""
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -25,7 +22,7 @@ def _log_z_and_target(logits_BLV: jax.Array, targets_BL: jax.Array,
 
 def _log_z_fwd(logits_BLV, targets_BL, max_BL):
   log_z_BL, target_BL = _log_z_and_target(logits_BLV, targets_BL, max_BL)
-  # Named so that a rematerialising policy can keep it (chunked_cross_entropy): the
+  # Named so that a rematerialising policy can keep it (chunked_loss): the
   # backward then recomputes only the logits, not the reductions over V.
   return (log_z_BL, target_BL), (logits_BLV, targets_BL, checkpoint_name(log_z_BL, LOG_Z_NAME))
 
@@ -74,42 +71,6 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
       "correct_sum": jnp.sum(jax.lax.stop_gradient(correct_BL) * weights_BL),
       "weight_sum": jnp.sum(weights_BL),
   }
-
-
-def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
-                          targets_BL: jax.Array, weights_BL: jax.Array, chunk_len: int,
-                          z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """`cross_entropy(logits_fn(x_BLD), ...)` computed over chunks of `chunk_len` positions.
-
-  A scan walks the chunks; each chunk's logits are recomputed in the backward
-  (`jax.checkpoint`), so at most one [B, chunk_len, V] block of logits and of their gradient
-  exists at a time instead of the whole [B, L, V]. The per-token log-partition is kept, so
-  the backward redoes only the head matmul, not the reductions over V. `logits_fn` must be a pure function of its argument (closing over the head
-  weight is fine: its gradient accumulates over the chunks in the weight's dtype).
-  """
-  b, length, d = x_BLD.shape
-  if chunk_len <= 0 or chunk_len >= length:
-    return cross_entropy(logits_fn(x_BLD), targets_BL, weights_BL, z_loss)
-  if length % chunk_len:
-    raise ValueError(f"loss chunk length {chunk_len} does not divide the sequence length "
-                     f"{length}; pick a divisor (ModelConfig.loss_chunk_len)")
-  n = length // chunk_len
-
-  def split(a):  # [B, L, ...] -> [n, B, chunk_len, ...]: chunks along L keep B's sharding
-    return jnp.swapaxes(a.reshape(b, n, chunk_len, *a.shape[2:]), 0, 1)
-
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(
-      LOG_Z_NAME))
-  def chunk_sums(x_BCD, t_BC, w_BC):
-    return cross_entropy(logits_fn(x_BCD), t_BC, w_BC, z_loss)
-
-  def body(acc, chunk):
-    return jax.tree.map(jnp.add, acc, chunk_sums(*chunk)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  init = {"loss_sum": zero, "z_loss_sum": zero, "correct_sum": zero, "weight_sum": zero}
-  sums, _ = jax.lax.scan(body, init, (split(x_BLD), split(targets_BL), split(weights_BL)))
-  return sums
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

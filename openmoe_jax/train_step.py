@@ -7,6 +7,7 @@ jitted once with explicit shardings and a donated state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from openmoe_jax import chunked_loss
 from openmoe_jax import losses
 from openmoe_jax import optimizer as optim_lib
 from openmoe_jax import sharding
@@ -70,21 +72,32 @@ def init_state(setup: Setup, seed: int) -> State:
 
 
 def _forward_sums(setup: Setup, params: Any, batch: Batch, rng: jax.Array | None,
-                  deterministic: bool) -> tuple[dict[str, jax.Array], Any]:
+                  deterministic: bool, for_grad: bool = False
+                  ) -> tuple[dict[str, jax.Array], Any]:
+  """Loss sums of one batch; "objective_sum" (loss + z-loss) is the one to differentiate.
+
+  With ModelConfig.loss_chunk_len the model stops at the hidden states and the head runs
+  chunk by chunk (`chunked_loss`): for a gradient (`for_grad`) in the fused form that forms
+  each chunk's gradient in the forward, else as a plain chunked forward."""
   cfg = setup.model_cfg
   model = nnx.merge(setup.graphdef, params)
-  # With loss_chunk_len the model stops at the hidden states; the head runs chunk by chunk.
   x_BLD, aux, _ = model(batch["decoder_input_tokens"],
                         positions_BL=batch["decoder_positions"],
                         segment_ids_BL=batch["decoder_segment_ids"],
                         prefix_BL=batch["decoder_causal_attention"],
                         rng=rng, deterministic=deterministic, return_hidden=True)
-  weight = model.head_weight()
-  sums = losses.chunked_cross_entropy(
-      x_BLD, lambda h_BLD: transformer.head_logits(cfg, h_BLD, weight),
-      batch["decoder_target_tokens"], batch["decoder_loss_weights"], cfg.loss_chunk_len,
-      cfg.z_loss)
-  sums["aux_loss"] = transformer.total_aux_loss(aux)
+  targets_BL, weights_BL = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+  if for_grad and chunked_loss.num_chunks(x_BLD.shape[1], cfg.loss_chunk_len) > 1:
+    objective, sums = chunked_loss.fused_chunked_objective(
+        functools.partial(transformer.head_logits, cfg), x_BLD, model.head_weight(),
+        targets_BL, weights_BL, cfg.loss_chunk_len, cfg.z_loss)
+  else:
+    weight = model.head_weight()
+    sums = chunked_loss.chunked_cross_entropy(
+        x_BLD, lambda h_BLD: transformer.head_logits(cfg, h_BLD, weight), targets_BL,
+        weights_BL, cfg.loss_chunk_len, cfg.z_loss)
+    objective = sums["loss_sum"] + sums["z_loss_sum"]
+  sums = {**sums, "objective_sum": objective, "aux_loss": transformer.total_aux_loss(aux)}
   return sums, aux
 
 
@@ -95,8 +108,8 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   step_rng = jax.random.fold_in(state["rng"], state["step"])
 
   def objective(params, micro, rng):
-    sums, aux = _forward_sums(setup, params, micro, rng, deterministic=False)
-    value = (sums["loss_sum"] + sums["z_loss_sum"]) / total_weight + sums["aux_loss"] / n_micro
+    sums, aux = _forward_sums(setup, params, micro, rng, deterministic=False, for_grad=True)
+    value = sums["objective_sum"] / total_weight + sums["aux_loss"] / n_micro
     return value, (sums, aux)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
