@@ -66,9 +66,11 @@ class Writer:
       self.tb.add_text(tag, text, step)
 
   def close(self) -> None:
+    """Flushes and stops TensorBoard's writer thread (idempotent)."""
     if self.tb is not None:
       self.tb.flush()
       self.tb.close()
+      self.tb = None
 
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:

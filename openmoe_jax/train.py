@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from openmoe_jax import checkpoint as ckpt_lib
+from openmoe_jax import chunked_loss
 from openmoe_jax import losses
 from openmoe_jax import metrics as metrics_lib
 from openmoe_jax import sharding
@@ -119,6 +120,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
   rules = sharding.RULES.get(mesh.rules)
   if rules is None:
     raise ValueError(f"MeshConfig.rules={mesh.rules!r}; expected one of {sorted(sharding.RULES)}")
+  chunked_loss.num_chunks(train.seq_len, model.loss_chunk_len)  # raises if it does not divide
   setup = ts.make_setup(model, optim, train.steps, train.seed, device_mesh, rules)
   config = resolved_config(model, data, optim, train, mesh)
   if dry_run:
@@ -198,10 +200,14 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     if pending is not None:
       summary["train"] = drain(pending)
       pending = None
-  except KeyboardInterrupt:
-    # Keep the work done so far: the loop state is consistent at every point it can be interrupted.
-    ckpt.save(int(state["step"]), state, train_it.get_state(), force=True)
+  except BaseException as err:
+    if isinstance(err, KeyboardInterrupt):
+      # Keep the work done so far: the loop state is consistent wherever it is interrupted.
+      ckpt.save(int(state["step"]), state, train_it.get_state(), force=True)
+    # Finish pending checkpoint writes and stop TensorBoard's writer thread before the error
+    # propagates (a writer left open fails again in an atexit hook at interpreter shutdown).
     ckpt.close()
+    writer.close()
     raise
   finally:
     bar.close()

@@ -144,10 +144,23 @@ def test_unknown_gin_binding_fails_cleanly(tmp_path):
   assert not wd.exists()
 
 
+def test_non_finite_step_fails_cleanly(tmp_path):
+  """A diverging run stops with a one-line error (exit 2): no traceback, and TensorBoard's
+  writer is closed before exit (left open, it raised again at interpreter shutdown)."""
+  r = _launch("--gin_file=gin/experiments/tiny_dense_ul2.gin",
+              "--gin_bindings=OptimConfig.learning_rate = 1e30",
+              "--gin_bindings=OptimConfig.warmup_steps = 0", "--gin_bindings=TrainConfig.steps = 4",
+              f"--workdir={tmp_path / 'wd'}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "non-finite loss/gradient" in r.stderr
+  assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("binding,needle", [
     ("OptimConfig.learning_rate=-1.0", "learning_rate=-1.0"),
     ("DataConfig.vocab_path='/nonexistent/spm.model'", "/nonexistent/spm.model"),
     ("DataConfig.mixture='text_files'", "text_files"),
+    ("ModelConfig.loss_chunk_len=3", "loss_chunk_len"),
 ])
 def test_bad_values_fail_before_touching_workdir(tmp_path, binding, needle):
   wd = tmp_path / "wd"
