@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpr_walk
 from openmoe_jax import chunked_loss
 from test_losses import _reference
 
@@ -65,19 +66,9 @@ def test_chunked_loss_never_holds_the_whole_logits():
 
 def _count_primitives(closed_jaxpr, names):
   counts = dict.fromkeys(names, 0)
-
-  def walk(jp):  # scan / checkpoint / custom_vjp / pjit sub-jaxprs too
-    for eqn in jp.eqns:
-      if eqn.primitive.name in counts:
-        counts[eqn.primitive.name] += 1
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (list, tuple)) else [p]):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            walk(sub.jaxpr)
-
-  walk(closed_jaxpr.jaxpr)
+  for eqn in jaxpr_walk.equations(closed_jaxpr):
+    if eqn.primitive.name in counts:
+      counts[eqn.primitive.name] += 1
   return counts
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpr_walk
 from openmoe_jax import router
 
 SEEDS = range(6)
@@ -271,20 +272,9 @@ def test_router_logits_backward_runs_in_router_dtype(e):
   np.testing.assert_allclose(np.asarray(dw), np.einsum("gsd,gse->de", x64, ct64),
                              rtol=1e-4, atol=1e-4)
   jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)
-  dots = []
-
-  def walk(jp):  # every dot_general, inside custom_vjp / pjit sub-jaxprs too
-    for eqn in jp.eqns:
-      if eqn.primitive.name == "dot_general":
-        dots.append([v.aval.dtype for v in eqn.invars])
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (list, tuple)) else [p]):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-            walk(sub.jaxpr)
-
-  walk(jaxpr.jaxpr)
+  # every dot_general, inside custom_vjp / pjit sub-jaxprs too
+  dots = [[v.aval.dtype for v in eqn.invars] for eqn in jaxpr_walk.equations(jaxpr)
+          if eqn.primitive.name == "dot_general"]
   assert len(dots) >= 3, dots
   assert all(d == jnp.bfloat16 for ops in dots for d in ops), dots
 

@@ -74,17 +74,22 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
   assert result["eval"]["loss"] < unigram - 0.5, (result["eval"], unigram)
 
 
+def _random_batch(b: int, length: int, seed: int, vocab: int = 64) -> dict[str, jax.Array]:
+  """One unpacked causal batch of random tokens, with random 0/1 loss weights."""
+  rng = np.random.default_rng(seed)
+  batch = {"decoder_input_tokens": rng.integers(1, vocab, (b, length)),
+           "decoder_target_tokens": rng.integers(1, vocab, (b, length)),
+           "decoder_loss_weights": rng.integers(0, 2, (b, length)).astype(np.float32),
+           "decoder_segment_ids": np.ones((b, length), np.int32),
+           "decoder_positions": np.tile(np.arange(length), (b, 1)),
+           "decoder_causal_attention": np.zeros((b, length), np.int32)}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def test_grad_accumulation_equals_big_batch():
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32")
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  rng = np.random.default_rng(0)
-  batch = {"decoder_input_tokens": rng.integers(1, 64, (4, 16)),
-           "decoder_target_tokens": rng.integers(1, 64, (4, 16)),
-           "decoder_loss_weights": rng.integers(0, 2, (4, 16)).astype(np.float32),
-           "decoder_segment_ids": np.ones((4, 16), np.int32),
-           "decoder_positions": np.tile(np.arange(16), (4, 1)),
-           "decoder_causal_attention": np.zeros((4, 16), np.int32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch = _random_batch(4, 16, seed=0)
   out = []
   for accum in (1, 2):
     setup = ts.make_setup(cfg, OptimConfig(grad_accum_steps=accum, warmup_steps=0), 10, 0, mesh,
@@ -102,14 +107,7 @@ def test_loss_chunks_equal_one_pass_loss(tie):
   gradient): same gradients, training metrics and evaluation sums as the one-pass loss (tied
   and untied heads, z-loss on)."""
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  rng = np.random.default_rng(1)
-  batch = {"decoder_input_tokens": rng.integers(1, 64, (2, 16)),
-           "decoder_target_tokens": rng.integers(1, 64, (2, 16)),
-           "decoder_loss_weights": rng.integers(0, 2, (2, 16)).astype(np.float32),
-           "decoder_segment_ids": np.ones((2, 16), np.int32),
-           "decoder_positions": np.tile(np.arange(16), (2, 1)),
-           "decoder_causal_attention": np.zeros((2, 16), np.int32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch = _random_batch(2, 16, seed=1)
   out = []
   for chunk in (0, 4):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32",
