@@ -292,8 +292,12 @@ class MeshConfig:
   expert: int = 1  # expert parallelism: experts split across this axis (batch also split)
   tensor: int = 1  # tensor (model) parallelism over heads / hidden
   rules: str = "data_parallel"  # logical-axis rule preset name (see openmoe_jax.sharding.RULES)
+  # Use only this process's first N devices (single-process runs, e.g. one GPU of a shared
+  # machine, or an in-process test run on 1 of 8 fake CPU devices); 0 = every device.
+  num_devices: int = 0
 
   def __post_init__(self):
+    _positive("MeshConfig.num_devices", self.num_devices, allow_zero=True)
     sizes = (self.data, self.fsdp, self.expert, self.tensor)
     _check(sum(s == -1 for s in sizes) <= 1, f"MeshConfig sizes {sizes}: at most one -1")
     _check(all(s == -1 or s >= 1 for s in sizes),

@@ -105,6 +105,15 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   contiguous block (what `jax.make_array_from_process_local_data` expects).
   """
   devices = list(jax.devices() if devices is None else devices)
+  if cfg.num_devices:
+    if jax.process_count() > 1:
+      raise ValueError(f"MeshConfig.num_devices={cfg.num_devices} needs a single-process run; "
+                       f"this one has {jax.process_count()} processes (every process's devices "
+                       "must be in the mesh)")
+    if cfg.num_devices > len(devices):
+      raise ValueError(f"MeshConfig.num_devices={cfg.num_devices}; only {len(devices)} "
+                       "devices are available")
+    devices = devices[:cfg.num_devices]
   sizes = mesh_sizes(cfg, len(devices))
   granules = sorted({_granule(d) for d in devices})
   if len(granules) > 1 and devices[0].platform != "cpu":

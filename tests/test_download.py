@@ -76,7 +76,7 @@ def test_download_params_only_convert_load_and_finetune(gcs, tmp_path):
                               train=train_cfg)
   assert_model_matches_reference(work, params)
   result = train.run(work, model=cfg, data=data, optim=optim, train=train_cfg,
-                     mesh=MeshConfig(), progress=False)
+                     mesh=MeshConfig(num_devices=2), progress=False)
   assert result["step"] == 1 and np.isfinite(result["train"]["loss"])
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["0", "1"]
 

@@ -70,7 +70,8 @@ def test_umoe_trains_from_its_gin_file(tmp_path):
       "TrainConfig.steps = 6", "TrainConfig.batch_size = 8", "TrainConfig.seq_len = 64",
       "TrainConfig.eval_every = 0", "TrainConfig.eval_batches = 1",
       "TrainConfig.checkpoint_every = 0", "TrainConfig.log_every = 1",
-      "TrainConfig.sample_tokens = 0", "OptimConfig.warmup_steps = 2"])
+      "TrainConfig.sample_tokens = 0", "OptimConfig.warmup_steps = 2",
+      "MeshConfig.num_devices = 2"])
   try:
     gin_setup.configured("run")(workdir=str(tmp_path), progress=False)
   finally:

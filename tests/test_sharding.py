@@ -139,6 +139,13 @@ def test_mesh_sizes_and_errors():
     sharding.make_mesh(MeshConfig(data=-1, expert=3))
   with pytest.raises(ValueError, match="need 16 devices; 8 available"):
     sharding.make_mesh(MeshConfig(data=2, fsdp=8))
+  sub = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, num_devices=2))
+  assert dict(sub.shape) == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+  assert list(sub.devices.flat) == jax.devices()[:2]
+  with pytest.raises(ValueError, match="num_devices=9; only 8 devices"):
+    sharding.make_mesh(MeshConfig(num_devices=9))
+  with pytest.raises(ValueError, match="MeshConfig.num_devices=-1"):
+    MeshConfig(num_devices=-1)
 
 
 @pytest.mark.parametrize("name", sorted(sharding.RULES))
