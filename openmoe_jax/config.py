@@ -161,6 +161,10 @@ class ModelConfig:
   attention: str = "dense"  # "dense" | "switchhead" | "umoe"
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS: XLA einsums | cuDNN fused (GPU only) |
   #   Pallas flash kernel (openmoe_jax.flash_attention); same masks and results
+  attention_mask: str = "packed"  # "packed": segments (packed examples) and bidirectional
+  #   prefixes from the batch, as UL2 needs | "causal": each row is one causal stream, the
+  #   batch's segment ids, prefixes and positions are ignored (MoEUT's contiguous-window LM
+  #   training); lets attention_impl="cudnn" run cuDNN's causal kernel without a mask tensor
   n_shared_groups: int = 0  # MoEUT/UT: G distinct layers reused n_layers/G times; 0 = no sharing
   share_order: str = "abab"  # "abab": G layers in order, repeated; "aabb": each repeated in place
   norm_scheme: str = "pre"  # "pre" (pre-LN) | "peri" (MoEUT: norms on router/QK inputs + final)
@@ -205,6 +209,7 @@ class ModelConfig:
                        ">= 0, or -1 for every repeat")
     _positive("ModelConfig.loss_chunk_len", self.loss_chunk_len, allow_zero=True)
     _choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _choice("ModelConfig.attention_mask", self.attention_mask, ("packed", "causal"))
     _choice("ModelConfig.init_scheme", self.init_scheme, ("scaled", "moeut"))
     _check(self.attention != "switchhead" or self.switchhead is not None,
            "ModelConfig.attention='switchhead' needs ModelConfig.switchhead (a SwitchHeadConfig)")

@@ -85,6 +85,7 @@ class SwitchHeadAttention(nnx.Module):
     self.dtype = layers.dtype_of(cfg.dtype)
     self.rope = (k, cfg.rope_fraction, cfg.rope_theta)
     self.impl = cfg.attention_impl
+    self.causal = cfg.attention_mask == "causal"
     self.gmm_backend = cfg.moe.gmm_backend if cfg.moe is not None else "auto"
     self.selection_dtype = sh.selection_dtype
     repeats = cfg.n_layers // cfg.n_shared_groups if cfg.n_shared_groups else 1
@@ -166,7 +167,8 @@ class SwitchHeadAttention(nnx.Module):
       keys_BSHK = new_cache["k_BSNK"].astype(dt)
       values_BSHK = new_cache["v_BSNK"].astype(dt)
     impl = self.impl if cache is None else "xla"
-    out_BLHK = attn_lib.dot_product_attention(q_BLHK, keys_BSHK, values_BSHK, mask_BLS, impl)
+    out_BLHK = attn_lib.dot_product_attention(q_BLHK, keys_BSHK, values_BSHK, mask_BLS, impl,
+                                              causal=self.causal and cache is None)
     if e == 1:
       gate_BLH = jax.nn.sigmoid(jnp.einsum("BLD,DH->BLH", qk_BLD.astype(jnp.float32),
                                            self.w_gate_DH[...].astype(jnp.float32)))

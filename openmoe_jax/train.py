@@ -121,6 +121,10 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
   if rules is None:
     raise ValueError(f"MeshConfig.rules={mesh.rules!r}; expected one of {sorted(sharding.RULES)}")
   chunked_loss.num_chunks(train.seq_len, model.loss_chunk_len)  # raises if it does not divide
+  if model.attention_mask == "causal" and data.ul2:
+    raise ValueError("ModelConfig.attention_mask='causal' ignores the bidirectional prefixes "
+                     "that the UL2 objective (DataConfig.ul2=True) trains with; use 'packed', "
+                     "or DataConfig.ul2=False")
   setup = ts.make_setup(model, optim, train.steps, train.seed, device_mesh, rules)
   config = resolved_config(model, data, optim, train, mesh)
   if dry_run:

@@ -252,6 +252,8 @@ class Transformer(nnx.Module):
     """Returns (logits [B, L, V] in cfg.logits_dtype, aux, updated cache or None).
 
     Without `segment_ids_BL` every token is real; without `prefix_BL` attention is causal.
+    With cfg.attention_mask = "causal", training calls ignore segments, prefixes and
+    positions: each row is one causal stream.
     With `cache` (from `generate.init_cache`), the chunk is written at `cache["index"]`.
     `return_hidden` returns the final-normed hidden states [B, L, D] instead of the logits
     (`head_weight` and `head_logits` turn them into logits, e.g. chunk by chunk).
@@ -260,7 +262,11 @@ class Transformer(nnx.Module):
     b, l = tokens_BL.shape
     seg_BL = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL
     prefix_BL = jnp.zeros((b, l), jnp.int32) if prefix_BL is None else prefix_BL
-    if cache is None:
+    if cache is None and cfg.attention_mask == "causal":  # one causal stream per row
+      pos_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
+      mask_BLS = attn_lib.sequence_mask(jnp.ones_like(seg_BL), jnp.zeros_like(prefix_BL))
+      index, new_cache = None, None
+    elif cache is None:
       pos_BL = (jnp.broadcast_to(jnp.arange(l), (b, l)) if positions_BL is None
                 else positions_BL)
       mask_BLS = attn_lib.sequence_mask(seg_BL, prefix_BL)

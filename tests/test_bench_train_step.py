@@ -118,6 +118,16 @@ def test_scan_layers_flag_reaches_the_config():
     bench.parse_args(["--preset", "x", "--scan_layers", "no"])
 
 
+def test_attention_mask_flag_reaches_the_config_and_the_table():
+  cfg = bench.resolve_preset("bench-tiny-moe")
+  assert bench.apply_overrides(cfg, seq=32, attention_mask="causal").attention_mask == "causal"
+  assert bench.apply_overrides(cfg, seq=32).attention_mask == cfg.attention_mask
+  assert bench.parse_args(["--preset", "x", "--attention_mask", "causal"]).attention_mask == \
+      "causal"
+  with pytest.raises(ValueError, match="--attention_mask causal ignores the segments"):
+    bench.run("bench-tiny-moe", 2, 32, attention_mask="causal", mask="prefix_packed")
+
+
 def test_unknown_preset_names_the_choices():
   with pytest.raises(ValueError, match="bench-tiny-dense"):
     bench.resolve_preset("no-such-preset")

@@ -1,11 +1,13 @@
 """Model properties: causality, prefix visibility, packing isolation, scan == unrolled, jit."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from openmoe_jax import attention, transformer
+from openmoe_jax import attention, presets, transformer
 from openmoe_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -66,6 +68,45 @@ def test_packed_segments_are_isolated():
   alone_b, _, _ = m(b)
   np.testing.assert_allclose(logits[:, :5], alone_a, atol=1e-5)
   np.testing.assert_allclose(logits[:, 5:], alone_b, atol=1e-5)
+
+
+def _switchhead_cfg(**kw):
+  return dataclasses.replace(presets.get("moeut-tiny"), vocab_size=CFG.vocab_size,
+                             dtype="float32", **kw)
+
+
+@pytest.mark.parametrize("make_cfg", [lambda **kw: dataclasses.replace(CFG, **kw),
+                                      _switchhead_cfg], ids=["dense", "switchhead"])
+def test_causal_attention_mask_is_one_stream_per_row(make_cfg):
+  """attention_mask="causal" equals the packed mask on rows of one segment, and ignores a
+  batch's segments, prefixes and positions (each row one causal stream)."""
+  causal, packed = _model(make_cfg(attention_mask="causal")), _model(make_cfg())
+  toks = _tokens()
+  np.testing.assert_allclose(causal(toks)[0], packed(toks)[0], rtol=1e-5, atol=1e-6)
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
+  prefix = jnp.zeros_like(seg).at[0, 5:8].set(1)
+  pos = jnp.array([list(range(5)) + list(range(7)), list(range(12))])
+  kw = dict(segment_ids_BL=seg, prefix_BL=prefix, positions_BL=pos)
+  np.testing.assert_allclose(causal(toks, **kw)[0], causal(toks)[0], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(packed(toks, **kw)[0][0, 5:] - packed(toks)[0][0, 5:])).max() > 1e-4
+
+
+def test_causal_cudnn_call_has_no_mask(monkeypatch):
+  """With the causal promise, the cuDNN path asks for is_causal and passes no mask (the
+  kernel itself is JAX's; here jax.nn's XLA implementation stands in for it on CPU)."""
+  calls, real = [], jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, **kw):
+    calls.append(kw)
+    return real(q, k, v, **{**kw, "implementation": "xla"})
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16)) for i in range(3))
+  mask = attention.sequence_mask(jnp.ones((2, 8), jnp.int32), jnp.zeros((2, 8), jnp.int32))
+  got = attention.dot_product_attention(q, k, v, mask, "cudnn", causal=True)
+  np.testing.assert_allclose(got, attention.dot_product_attention(q, k, v, mask, "xla"),
+                             rtol=1e-5, atol=1e-6)
+  assert calls == [{"is_causal": True, "implementation": "cudnn"}]
 
 
 @pytest.mark.parametrize("n_shared_groups,order", [(0, "abab"), (2, "abab"), (2, "aabb")])

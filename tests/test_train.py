@@ -178,6 +178,7 @@ def test_non_finite_step_fails_cleanly(tmp_path):
     ("DataConfig.vocab_path='/nonexistent/spm.model'", "/nonexistent/spm.model"),
     ("DataConfig.mixture='text_files'", "text_files"),
     ("ModelConfig.loss_chunk_len=3", "loss_chunk_len"),
+    ("ModelConfig.attention_mask='causal'", "attention_mask='causal' ignores the bidirectional"),
 ])
 def test_bad_values_fail_before_touching_workdir(tmp_path, binding, needle):
   wd = tmp_path / "wd"

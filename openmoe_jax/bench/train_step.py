@@ -3,7 +3,7 @@
     python -m openmoe_jax.bench.train_step --preset NAME [--batch B --seq L]
         [--attention_impl xla|cudnn|pallas] [--remat none|dots|full] [--dispatch einsum|ragged|gmm]
         [--steps 10 --warmup 3] [--mask causal|prefix_packed] [--scan_layers true|false]
-        [--remat_cse_repeats N] [--loss_chunk_len C]
+        [--remat_cse_repeats N] [--loss_chunk_len C] [--attention_mask packed|causal]
         [--profile_dir DIR] [--json FILE]
 
 It compiles the real `train_step` (`train_step.make_setup / init_state / jit_train_step`, state
@@ -51,7 +51,8 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
                     scan_layers: bool | None = None,
                     logits_dtype: str | None = None,
                     remat_cse_repeats: int | None = None,
-                    loss_chunk_len: int | None = None) -> ModelConfig:
+                    loss_chunk_len: int | None = None,
+                    attention_mask: str | None = None) -> ModelConfig:
   """The preset with benchmark overrides; None leaves a field as the preset has it."""
   changes: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, seq)}
   if attention_impl is not None:
@@ -61,7 +62,7 @@ def apply_overrides(cfg: ModelConfig, *, seq: int, attention_impl: str | None = 
     changes["attention_impl"] = attention_impl
   for name, value in (("remat", remat), ("dtype", dtype), ("scan_layers", scan_layers),
                       ("logits_dtype", logits_dtype), ("remat_cse_repeats", remat_cse_repeats),
-                      ("loss_chunk_len", loss_chunk_len)):
+                      ("loss_chunk_len", loss_chunk_len), ("attention_mask", attention_mask)):
     if value is not None:
       changes[name] = value
   if (dispatch is not None or gmm_backend is not None) and cfg.moe is not None:
@@ -220,6 +221,7 @@ class Result:
   scan_layers: bool = True  # False: the layer loop unrolled (--scan_layers false)
   remat_cse_repeats: int = 0  # --remat_cse_repeats (shown as "dots+cse" (all) or "dots+cseN")
   loss_chunk_len: int = 0  # --loss_chunk_len (shown in the layers column as "+ceC")
+  attention_mask: str = "packed"  # --attention_mask (causal is shown as "+causal" after attn)
 
 
 def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
@@ -229,13 +231,17 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
         optimizer: str = "adamw", profile_dir: str | None = None, num_devices: int = 1,
         logits_dtype: str | None = None, scan_layers: bool | None = None,
         remat_cse_repeats: int | None = None, loss_chunk_len: int | None = None,
-        cfg: ModelConfig | None = None) -> Result:
+        attention_mask: str | None = None, cfg: ModelConfig | None = None) -> Result:
   """Benchmarks one configuration on `num_devices` devices (data parallel; 0 = all of them)."""
   base = cfg if cfg is not None else resolve_preset(preset)
   cfg = apply_overrides(base, seq=seq, attention_impl=attention_impl, remat=remat,
                         dispatch=dispatch, gmm_backend=gmm_backend, dtype=dtype,
                         logits_dtype=logits_dtype, scan_layers=scan_layers,
-                        remat_cse_repeats=remat_cse_repeats, loss_chunk_len=loss_chunk_len)
+                        remat_cse_repeats=remat_cse_repeats, loss_chunk_len=loss_chunk_len,
+                        attention_mask=attention_mask)
+  if cfg.attention_mask == "causal" and mask != "causal":
+    raise ValueError(f"--attention_mask causal ignores the segments and prefixes of --mask "
+                     f"{mask}; use --mask causal")
   if cfg.vocab_size <= 0:
     cfg = dataclasses.replace(cfg, vocab_size=32128)  # the T5 / OpenMoE vocabulary size
   devices = jax.devices()
@@ -295,7 +301,7 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
       compile_s=compile_s,
       loss_first=first_loss, loss_last=last_loss, steps_done=steps_done,
       scan_layers=cfg.scan_layers, remat_cse_repeats=cfg.remat_cse_repeats,
-      loss_chunk_len=cfg.loss_chunk_len)
+      loss_chunk_len=cfg.loss_chunk_len, attention_mask=cfg.attention_mask)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -312,7 +318,8 @@ def table_row(r: Result) -> str:
   remat = r.remat
   if r.remat_cse_repeats and r.remat != "none" and not r.scan_layers:
     remat += "+cse" if r.remat_cse_repeats < 0 else f"+cse{r.remat_cse_repeats}"
-  return (f"| {r.preset} | {r.batch} x {r.seq} | {r.attention_impl} | {remat} | {r.dispatch} | "
+  attn = r.attention_impl + ("+causal" if r.attention_mask == "causal" else "")
+  return (f"| {r.preset} | {r.batch} x {r.seq} | {attn} | {remat} | {r.dispatch} | "
           f"{'scan' if r.scan_layers else 'unrolled'}{f'+ce{r.loss_chunk_len}' if r.loss_chunk_len else ''} | {r.step_s * 1e3:.2f} | {r.tokens_per_s:,.0f} | {r.model_flops_per_token / 1e9:.3f} | "
           f"{100 * r.mfu:.1f}% | {r.peak_flops / 1e12:.1f} | {_gib(r.peak_memory_bytes)} | "
           f"{_gib(r.xla_memory_bytes)} | {r.compile_s:.1f} |")
@@ -356,6 +363,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--loss_chunk_len", type=int, default=None,
                  help="override ModelConfig.loss_chunk_len (head + cross-entropy over chunks "
                       "of C positions, rematerialised: the [B, L, V] logits never exist whole)")
+  p.add_argument("--attention_mask", default=None, choices=("packed", "causal"),
+                 help="override ModelConfig.attention_mask (causal: one causal stream per row, "
+                      "cuDNN's causal kernel with --attention_impl cudnn)")
   p.add_argument("--mask", default="causal", choices=MASKS, help="synthetic batch layout")
   p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
   p.add_argument("--peak_size", type=int, default=None, help="n of the n^3 peak matmul")
@@ -378,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
           optimizer=a.optimizer, profile_dir=a.profile_dir,
           num_devices=a.num_devices, logits_dtype=a.logits_dtype,
           scan_layers=None if a.scan_layers is None else a.scan_layers == "true",
-          remat_cse_repeats=a.remat_cse_repeats, loss_chunk_len=a.loss_chunk_len)
+          remat_cse_repeats=a.remat_cse_repeats, loss_chunk_len=a.loss_chunk_len,
+          attention_mask=a.attention_mask)
   print(report(r), flush=True)
   if a.json:
     with open(a.json, "a", encoding="utf-8") as f:
