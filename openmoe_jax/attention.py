@@ -53,36 +53,11 @@ def dot_product_attention(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Arra
                          "attention_out")
 
 
-def _cudnn_causal_plain(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array) -> jax.Array:
-  return jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, is_causal=True,
-                                      implementation="cudnn")
-
-
-@jax.custom_vjp
-def _cudnn_causal(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array) -> jax.Array:
-  """cuDNN's causal kernel with its float32 residuals (the softmax statistics) named
-  "attention_lse": the "dots" remat policy keeps them, so the backward does not run the
-  forward kernel again (JAX's own VJP leaves them unnamed)."""
-  return _cudnn_causal_plain(q_BLHK, k_BSNK, v_BSNK)
-
-
-def _cudnn_causal_fwd(q_BLHK, k_BSNK, v_BSNK):
-  out_BLHK, vjp = jax.vjp(_cudnn_causal_plain, q_BLHK, k_BSNK, v_BSNK)
-  return out_BLHK, jax.tree.map(
-      lambda r: checkpoint_name(r, "attention_lse") if r.dtype == jnp.float32 else r, vjp)
-
-
-def _cudnn_causal_bwd(vjp, dout_BLHK):
-  return vjp(dout_BLHK)
-
-
-_cudnn_causal.defvjp(_cudnn_causal_fwd, _cudnn_causal_bwd)
-
-
 def _attention(q_BLHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array, mask_BLS: jax.Array,
                impl: str, causal: bool = False) -> jax.Array:
   if impl == "cudnn" and causal:  # on an H100, ~1.8x the Pallas kernel (docs/performance.md)
-    return _cudnn_causal(q_BLHK, k_BSNK, v_BSNK)
+    return jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, is_causal=True,
+                                        implementation="cudnn")
   if impl == "cudnn":
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSNK, v_BSNK, mask=mask_BLS[:, None],
                                             implementation="cudnn")
