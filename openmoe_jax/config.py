@@ -163,8 +163,9 @@ class ModelConfig:
   #   Pallas flash kernel (openmoe_jax.flash_attention); same masks and results
   attention_mask: str = "packed"  # "packed": segments (packed examples) and bidirectional
   #   prefixes from the batch, as UL2 needs | "causal": each row is one causal stream, the
-  #   batch's segment ids, prefixes and positions are ignored (MoEUT's contiguous-window LM
-  #   training); lets attention_impl="cudnn" run cuDNN's causal kernel without a mask tensor
+  #   batch's segments, prefixes and positions are ignored by attention (MoEUT's contiguous-
+  #   window LM training; padding, segment id 0, still has no loss and is not routed); lets
+  #   attention_impl="cudnn" run cuDNN's causal kernel without a mask tensor
   n_shared_groups: int = 0  # MoEUT/UT: G distinct layers reused n_layers/G times; 0 = no sharing
   share_order: str = "abab"  # "abab": G layers in order, repeated; "aabb": each repeated in place
   norm_scheme: str = "pre"  # "pre" (pre-LN) | "peri" (MoEUT: norms on router/QK inputs + final)
