@@ -6,6 +6,7 @@ compared with a float64 numpy reference, so an element the kernel never wrote fa
 They are also lowered to Mosaic GPU for a CUDA target, which catches layout and
 shared-memory errors that the interpreter does not model.
 """
+import dataclasses
 import functools
 
 import jax
@@ -80,13 +81,19 @@ SCHEDULES = {
     # 6 stages of 128 x 128 tiles leave room to stage only half a tile: two stores per tile
     "pingpong_halves": Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=6, group_m=2,
                               pingpong=1),
+    # Hand-written ring: the two warpgroups take 64 rows each; 4 stages over 3 K steps per
+    # tile, so slots carry over from one tile to the next.
+    "ring": Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, group_m=2, ring=1),
+    "ring_one_warpgroup": Tiling(tm=64, tn=128, tk=64, num_warps=4, num_stages=2, group_m=2,
+                                 ring=1),
 }
 
 
 # With 64-row tiles the ragged groups already have full and edge tiles: the cluster and
 # delayed schedules skip the aligned case (CI time).
 CASES = [(s, c) for s in sorted(SCHEDULES) for c in sorted(SIZES)
-         if (s, c) not in (("cluster", "aligned"), ("delayed", "aligned"))]
+         if (s, c) not in (("cluster", "aligned"), ("delayed", "aligned"),
+                           ("ring_one_warpgroup", "aligned"))]
 
 
 @pytest.mark.parametrize("schedule,case", CASES)
@@ -105,6 +112,25 @@ def test_gmm_matches_float64(case, transpose_rhs, schedule):
   assert out.shape == (M, N) and out.dtype == jnp.bfloat16
   assert _rel(out, ref) <= 1e-2
   np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)  # tail rows
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_ring_stages_the_output_in_column_chunks(transpose_rhs):
+  """A 128 x 256 tile with 4 stages leaves room for two 64-column staging buffers only: the
+  epilogue stores each warpgroup's rows in four chunks, alternating the buffers."""
+  from openmoe_jax.kernels.gmm import pallas_mgpu_ring as ring  # noqa: PLC0415
+  t = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=4, group_m=2, ring=1)
+  assert ring.staging(t) == (64, 2)
+  assert ring.staging(dataclasses.replace(t, num_stages=3)) == (256, 1)
+  gs = SIZES["ragged"]
+  lhs, _, _ = _inputs(3)
+  rhs = (jax.random.normal(jax.random.key(4), (5, K, 256), jnp.float32) / np.sqrt(K)
+         ).astype(jnp.bfloat16)
+  w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+  out = mg.gmm(lhs, w, jnp.array(gs, jnp.int32), transpose_rhs=transpose_rhs, tiling=t,
+               interpret=True)
+  assert _rel(out, _np_gmm(lhs, rhs, gs)) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)
 
 
 @pytest.mark.parametrize("cluster", [1, 2])
@@ -181,6 +207,10 @@ def test_supports_explains_refusals():
   big_ring = Tiling(128, 128, 128, 8, 4, pingpong=1)  # 4 x 64 KiB of stages
   assert "ring" in mg.supports(jnp.bfloat16, t=big_ring, **ok)
   assert "registers" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 64, 8, 2, pingpong=1), **ok)
+  assert "registers" in mg.supports(jnp.bfloat16, t=Tiling(256, 256, 64, 8, 2, ring=1), **ok)
+  assert "no room" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 128, 8, 3, ring=1), **ok)
+  assert "no cluster" in mg.supports(jnp.bfloat16, t=Tiling(128, 128, 64, 8, 3, ring=1,
+                                                            cluster=2), **ok)
   with pytest.raises(ValueError, match="cannot run"):
     mg.gmm(jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((2, 100, 128), jnp.bfloat16),
            jnp.array([32, 32]), tiling=GMM_T, interpret=True)
@@ -190,7 +220,9 @@ def test_supports_explains_refusals():
     ("gmm", Tiling(128, 256, 64, 8, 3)), ("gmm", Tiling(128, 256, 64, 8, 3, cluster=2)),
     ("gmm", Tiling(128, 128, 64, 8, 6, pingpong=1)), ("gmm_t", Tiling(128, 256, 64, 8, 3)),
     ("gmm", Tiling(128, 256, 64, 8, 3, cluster=2, delay_release=1)),  # 32 K steps: unchained
-    ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3))])
+    ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3)),
+    ("gmm", Tiling(128, 256, 64, 8, 4, ring=1)), ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=1)),
+    ("gmm", Tiling(64, 128, 128, 4, 4, ring=1))])
 def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
   """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
   of shared memory, clusters) without a GPU."""

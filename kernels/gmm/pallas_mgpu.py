@@ -6,7 +6,8 @@ into a `num_stages`-deep shared-memory ring) and `num_warps // 4` compute warpgr
 owning `tn / wgs` output columns of the tile and issuing wgmma on the shared tiles.
 With `cluster=2`, CTA pairs take adjacent column tiles of the same rows and the lhs tile is
 loaded once for both (TMA multicast), which cuts L2 traffic by a sixth at 128 x 256 tiles.
-`pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead.
+`pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead, `ring=1` (gmm
+only) that of `pallas_mgpu_ring`.
 
 gmm: a work item is `tm` rows of one group, starting at the group's first row (tiles are
 aligned to groups, not to the row grid, so a group of s rows costs ceil(s / tm) tiles and a
@@ -63,6 +64,9 @@ def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> 
   if n % (t.tn * t.cluster):
     return f"N={n} not a multiple of tn * cluster={t.tn * t.cluster}"
   del out_rows
+  if t.ring and op != "tgmm":
+    from openmoe_jax.kernels.gmm import pallas_mgpu_ring  # noqa: PLC0415 - imports us
+    return pallas_mgpu_ring.unfit(t, jnp.dtype(lhs_dtype).itemsize)
   if t.pingpong and op != "tgmm":
     from openmoe_jax.kernels.gmm import pallas_mgpu_pingpong  # noqa: PLC0415 - imports us
     return pallas_mgpu_pingpong.unfit(t, jnp.dtype(lhs_dtype).itemsize)
@@ -288,7 +292,10 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   lhs = lhs_XK if m_pad == m else jnp.pad(lhs_XK, ((0, m_pad - m), (0, 0)))
   tiles = group_aligned_tiles(group_sizes_G, m_pad, t.tm)
   call = _gmm_call
-  if t.pingpong:
+  if t.ring:
+    from openmoe_jax.kernels.gmm import pallas_mgpu_ring  # noqa: PLC0415 - imports us
+    call = pallas_mgpu_ring.gmm_call
+  elif t.pingpong:
     from openmoe_jax.kernels.gmm import pallas_mgpu_pingpong  # noqa: PLC0415 - imports us
     call = pallas_mgpu_pingpong.gmm_call
   out = call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,

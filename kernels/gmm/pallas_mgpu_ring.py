@@ -1,0 +1,198 @@
+"""Ring schedule of the Mosaic-GPU grouped matmul (Hopper): cooperative tiles, one wgmma in
+flight, and one shared-memory ring that runs on from tile to tile.
+
+The cooperative schedule of `pallas_mgpu` uses JAX's warp-specialised pipeline. That pipeline
+waits for each wgmma to finish before its slot is released; it can only keep one in flight
+(`delay_release`) when the tiles of a CTA are not chained into one pipeline. Here the pipeline
+is written out by hand, so it has both:
+* The memory warpgroup walks the CTA's items and their K steps as one sequence, loading
+  step s into slot s % num_stages of a single ring. The next item's loads therefore start
+  while the current item computes and stores.
+* The compute warpgroups split the tile's rows: warpgroup w owns rows [w * tm / wgs, ...)
+  and all tn columns, so each wgmma is a 64-row slab against the whole B tile (less
+  shared-memory traffic per flop than a column split). After issuing step s a warpgroup
+  waits for step s - 1's wgmma only, and then releases that slot.
+* The output is staged in column chunks (two alternating buffers when the tile does not fit
+  next to the ring), so the ring can be deeper than with a whole-tile staging buffer.
+
+Work items, tile alignment to groups, the tail group and the ladder stores of group-edge
+tiles are those of `pallas_mgpu` (gmm and the dx form with transposed rhs).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from openmoe_jax.kernels.gmm import pallas_mgpu as coop
+from openmoe_jax.kernels.gmm.tiling import Tiling
+
+SMEM_BYTES = 227 * 1024
+_COMPUTE_REGISTERS = 232  # two compute warpgroups at 232 + one memory at 40 <= 512 per thread
+_MEMORY_REGISTERS = 40
+
+
+def staging(t: Tiling, itemsize: int = 2) -> tuple[int, int] | None:
+  """(columns per staged chunk, buffers): the whole tile in one buffer when it fits next to
+  the ring, else the widest chunk of tn / 2^i columns (>= 64) in two buffers; None if not
+  even that fits."""
+  ring = t.num_stages * (t.tm * t.tk + t.tk * t.tn) * itemsize
+  room = SMEM_BYTES - 1024 - ring
+  if t.tm * t.tn * itemsize <= room:
+    return t.tn, 1
+  cols = t.tn // 2
+  while cols >= 64:
+    if 2 * t.tm * cols * itemsize <= room:
+      return cols, 2
+    cols //= 2
+  return None
+
+
+def unfit(t: Tiling, itemsize: int = 2) -> str | None:
+  """Why a tiling cannot run the ring schedule (registers or shared memory), else None."""
+  wgs = t.num_warps // 4
+  if t.num_warps % 4 or wgs not in (1, 2):
+    return "ring: num_warps 4 or 8 (one or two compute warpgroups)"
+  rows = t.tm // wgs
+  if t.tm % wgs or rows % 64 or rows * t.tn > 64 * 256 or t.tn % 64:
+    return ("ring tiles: tm / warpgroups a multiple of 64, tn a multiple of 64 and at most "
+            "64 x 256 f32 accumulators per warpgroup (registers)")
+  if t.cluster != 1 or t.pingpong or t.ctas_per_sm != 1:
+    return "ring: one CTA per SM, no cluster, no ping-pong"
+  if staging(t, itemsize) is None:
+    return "ring of num_stages leaves no room for a 64-column output staging buffer"
+  return None
+
+
+def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,
+             t: Tiling, interpret: bool):
+  m, k = lhs_MK.shape
+  g = rhs.shape[0]
+  tm, tn, tk, stages = t.tm, t.tn, t.tk, t.num_stages
+  wgs = t.num_warps // 4
+  rows_wg = tm // wgs
+  ksteps, grid_n = k // tk, n // tn
+  en, bufs = staging(t, jnp.dtype(out_dtype).itemsize)
+  num_items_max = tiles.group.shape[0]
+  num_ctas = coop.num_sms(interpret)
+  rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+
+  def kernel(grp_gmem, start_gmem, end_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("sm")
+    num_valid = count_gmem[0]
+    num_local = jnp.maximum(num_valid * grid_n - cta + num_ctas - 1, 0) // num_ctas
+
+    def item(j):
+      """(group, first own row, end row, loaded row0, column tile) of local item j."""
+      idx, ni = plgpu.planar_snake(cta + j * num_ctas, (num_valid, grid_n), 1,
+                                   min(t.group_m, num_items_max))
+      grp, start, end = grp_gmem[idx], start_gmem[idx], end_gmem[idx]
+      row0 = jnp.minimum(start // coop.ROW_ALIGN * coop.ROW_ALIGN, m - tm)
+      return grp, start, end, pl.multiple_of(row0, coop.ROW_ALIGN), ni
+
+    @functools.partial(
+        pl.run_scoped,
+        a_smem=plgpu.SMEM((stages, tm, tk), lhs_MK.dtype,
+                          transforms=coop.swizzled(tk, lhs_MK.dtype)),
+        b_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype,
+                          transforms=coop.swizzled(rhs_block[1], rhs.dtype)),
+        out_smem=plgpu.RefUnion(
+            plgpu.SMEM((wgs, bufs, rows_wg, en), out_dtype,
+                       transforms=coop.swizzled(en, out_dtype)),
+            plgpu.SMEM((wgs, bufs, rows_wg, en), out_dtype)),
+        produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        collective_axes="wg")
+    def _scope(a_smem, b_smem, out_smem, produced, consumed):
+      swz_smem, plain_smem = out_smem
+
+      @pl.when(wg == wgs)
+      def _memory_warpgroup():
+        if wgs == 2:
+          plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+        @pl.loop(0, num_local)
+        def _item(j):
+          grp, _, _, row0, ni = item(j)
+          rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
+
+          @pl.loop(0, ksteps)
+          def _step(kk):
+            s = j * ksteps + kk
+            slot = s % stages
+
+            @pl.when(s >= stages)
+            def _wait_free():
+              plgpu.barrier_wait(consumed.at[slot])
+
+            cols = pl.ds(kk * tk, tk)
+            plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row0, tm), cols], a_smem.at[slot],
+                                    produced.at[slot])
+            src = (rhs_g.at[pl.ds(ni * tn, tn), cols] if transpose_rhs
+                   else rhs_g.at[cols, pl.ds(ni * tn, tn)])
+            plgpu.copy_gmem_to_smem(src, b_smem.at[slot], produced.at[slot])
+
+        # Observe the last releases, so that no barrier phase goes unseen.
+        steps = num_local * ksteps
+
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(s):
+          plgpu.barrier_wait(consumed.at[s % stages])
+
+      @pl.when(wg < wgs)
+      def _compute_warpgroup():
+        if wgs == 2:
+          plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        own = pl.ds(pl.multiple_of(wg * rows_wg, 64), rows_wg)
+
+        @pl.loop(0, num_local)
+        def _item(j):
+          grp, start, end, row0, ni = item(j)
+
+          def main_loop(acc_ref):
+            def step(kk, _):
+              s = j * ksteps + kk
+              slot = s % stages
+              plgpu.barrier_wait(produced.at[slot])
+              b = b_smem.at[slot]
+              plgpu.wgmma(acc_ref, a_smem.at[slot].at[own],
+                          b.transpose((1, 0)) if transpose_rhs else b)
+              plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+
+              @pl.when(kk > 0)
+              def _release():
+                plgpu.barrier_arrive(consumed.at[(s - 1) % stages])
+
+            lax.fori_loop(0, ksteps, step, None)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[(j * ksteps + ksteps - 1) % stages])
+            return acc_ref[...]
+
+          acc = pl.run_scoped(main_loop, plgpu.ACC((rows_wg, tn), jnp.float32))
+          # This warpgroup's rows of the tile, and of them those of the item's group.
+          lo = row0 + wg * rows_wg
+          own_start = jnp.clip(start, lo, lo + rows_wg)
+          own_end = jnp.clip(end, own_start, lo + rows_wg)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's stores read
+          for c in range(tn // en):
+            if c >= bufs:  # the store that used this buffer has read it
+              plgpu.wait_smem_to_gmem(bufs - 1, wait_read_only=True)
+            buf = c % bufs
+            coop.store_tile(acc[:, c * en:(c + 1) * en].astype(out_dtype),
+                            swz_smem.at[wg, buf], plain_smem.at[wg, buf],
+                            out_gmem.at[pl.ds(lo, rows_wg), pl.ds(ni * tn + c * en, en)],
+                            group=grp, num_groups=g, start=own_start, end=own_end, row0=lo)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_ctas,),
+      grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
+  return call(tiles.group, tiles.start, tiles.end, tiles.count, lhs_MK, rhs)
