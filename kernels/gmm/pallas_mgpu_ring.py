@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from openmoe_jax.kernels.gmm import mgpu_ring_parts as parts
 from openmoe_jax.kernels.gmm import pallas_mgpu as coop
 from openmoe_jax.kernels.gmm.tiling import Tiling
 
@@ -70,37 +71,19 @@ def unfit(t: Tiling, itemsize: int = 2) -> str | None:
 
 def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,
              t: Tiling, interpret: bool):
-  m, k = lhs_MK.shape
-  g = rhs.shape[0]
-  tm, tn, tk, stages = t.tm, t.tn, t.tk, t.num_stages
+  geo = parts.geometry(lhs_MK, rhs, n=n, t=t, interpret=interpret)
+  m, g, tm, tn, stages = geo.m, geo.g, geo.tm, geo.tn, geo.stages
   wgs = t.num_warps // 4
   rows_wg = tm // wgs
-  ksteps, grid_n = k // tk, n // tn
   en, bufs = staging(t, jnp.dtype(out_dtype).itemsize)
-  num_items_max = tiles.group.shape[0]
-  num_ctas = coop.num_sms(interpret)
-  rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
 
-  def kernel(grp_gmem, start_gmem, end_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
+  def kernel(*refs):
+    *tile_refs, lhs_gmem, rhs_gmem, out_gmem = refs  # the TileList, then the operands
     wg = lax.axis_index("wg")
-    cta = lax.axis_index("sm")
-    num_valid = count_gmem[0]
-    num_local = jnp.maximum(num_valid * grid_n - cta + num_ctas - 1, 0) // num_ctas
-
-    def item(j):
-      """(group, first own row, end row, loaded row0, column tile) of local item j."""
-      idx, ni = plgpu.planar_snake(cta + j * num_ctas, (num_valid, grid_n), 1,
-                                   min(t.group_m, num_items_max))
-      grp, start, end = grp_gmem[idx], start_gmem[idx], end_gmem[idx]
-      row0 = jnp.minimum(start // coop.ROW_ALIGN * coop.ROW_ALIGN, m - tm)
-      return grp, start, end, pl.multiple_of(row0, coop.ROW_ALIGN), ni
+    num_local, item = parts.local_items(tile_refs, geo)
 
     @functools.partial(
-        pl.run_scoped,
-        a_smem=plgpu.SMEM((stages, tm, tk), lhs_MK.dtype,
-                          transforms=coop.swizzled(tk, lhs_MK.dtype)),
-        b_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype,
-                          transforms=coop.swizzled(rhs_block[1], rhs.dtype)),
+        pl.run_scoped, **parts.ring_smem(geo, lhs_MK.dtype, rhs.dtype, transpose_rhs),
         out_smem=plgpu.RefUnion(
             plgpu.SMEM((wgs, bufs, rows_wg, en), out_dtype,
                        transforms=coop.swizzled(en, out_dtype)),
@@ -115,34 +98,9 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
       def _memory_warpgroup():
         if wgs == 2:
           plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-
-        @pl.loop(0, num_local)
-        def _item(j):
-          grp, _, _, row0, ni = item(j)
-          rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
-
-          @pl.loop(0, ksteps)
-          def _step(kk):
-            s = j * ksteps + kk
-            slot = s % stages
-
-            @pl.when(s >= stages)
-            def _wait_free():
-              plgpu.barrier_wait(consumed.at[slot])
-
-            cols = pl.ds(kk * tk, tk)
-            plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row0, tm), cols], a_smem.at[slot],
-                                    produced.at[slot])
-            src = (rhs_g.at[pl.ds(ni * tn, tn), cols] if transpose_rhs
-                   else rhs_g.at[cols, pl.ds(ni * tn, tn)])
-            plgpu.copy_gmem_to_smem(src, b_smem.at[slot], produced.at[slot])
-
-        # Observe the last releases, so that no barrier phase goes unseen.
-        steps = num_local * ksteps
-
-        @pl.loop(jnp.maximum(steps - stages, 0), steps)
-        def _drain(s):
-          plgpu.barrier_wait(consumed.at[s % stages])
+        parts.load_ring(geo, item, num_local, transpose_rhs=transpose_rhs, lhs_gmem=lhs_gmem,
+                        rhs_gmem=rhs_gmem, a_smem=a_smem, b_smem=b_smem,
+                        loaded=lambda j, slot: produced.at[slot], free=consumed)
 
       @pl.when(wg < wgs)
       def _compute_warpgroup():
@@ -155,22 +113,9 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
           grp, start, end, row0, ni = item(j)
 
           def main_loop(acc_ref):
-            def step(kk, _):
-              s = j * ksteps + kk
-              slot = s % stages
-              plgpu.barrier_wait(produced.at[slot])
-              b = b_smem.at[slot]
-              plgpu.wgmma(acc_ref, a_smem.at[slot].at[own],
-                          b.transpose((1, 0)) if transpose_rhs else b)
-              plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
-
-              @pl.when(kk > 0)
-              def _release():
-                plgpu.barrier_arrive(consumed.at[(s - 1) % stages])
-
-            lax.fori_loop(0, ksteps, step, None)
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[(j * ksteps + ksteps - 1) % stages])
+            parts.mma_steps(geo, acc_ref, j, transpose_rhs=transpose_rhs, a_smem=a_smem,
+                            b_smem=b_smem,
+                            loaded=lambda slot: produced.at[slot], free=consumed, a_rows=own)
             return acc_ref[...]
 
           acc = pl.run_scoped(main_loop, plgpu.ACC((rows_wg, tn), jnp.float32))
@@ -191,7 +136,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_ctas,),
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(geo.num_ctas,),
       grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else False)

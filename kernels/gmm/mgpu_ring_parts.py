@@ -1,0 +1,141 @@
+"""Parts shared by the hand-written Mosaic-GPU gmm schedules (`pallas_mgpu_pingpong`,
+`pallas_mgpu_ring`): a CTA's work items, the memory warpgroup that streams their K steps
+through one shared-memory ring, and the main loop that keeps one wgmma in flight.
+
+Step s of a CTA (item j, K step kk: s = j * ksteps + kk) uses ring slot s % num_stages.
+A slot's "loaded" barrier completes when both TMA copies of its step have landed; its
+"free" barrier when every consumer has released it. Each barrier's phase must be seen by
+every thread that waits on it, so the memory warpgroup also waits for the last releases.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from openmoe_jax.kernels.gmm import pallas_mgpu as coop
+
+
+class Geometry(NamedTuple):
+  """Static shape of one hand-written gmm call."""
+  m: int          # rows (padded to the 8-row grid)
+  g: int          # groups
+  tm: int
+  tn: int
+  tk: int
+  stages: int     # ring slots
+  ksteps: int     # K steps per item
+  grid_n: int     # column tiles
+  num_ctas: int   # persistent CTAs (one per SM)
+  group_m: int    # items per L2 band of the tile order
+
+
+def geometry(lhs_MK, rhs, *, n: int, t, interpret: bool) -> Geometry:
+  m, k = lhs_MK.shape
+  return Geometry(m=m, g=rhs.shape[0], tm=t.tm, tn=t.tn, tk=t.tk, stages=t.num_stages,
+                  ksteps=k // t.tk, grid_n=n // t.tn, num_ctas=coop.num_sms(interpret),
+                  group_m=t.group_m)
+
+
+class Item(NamedTuple):
+  group: jax.Array   # the item's group (G = the tail of unassigned rows)
+  start: jax.Array   # its first own row
+  end: jax.Array     # one past its last own row
+  row0: jax.Array    # first row of the loaded tile (8-row aligned, row0 + tm <= M)
+  col: jax.Array     # its column tile
+
+
+def local_items(tile_refs, geo: Geometry) -> tuple[jax.Array, Callable[[jax.Array], Item]]:
+  """(number of items of this CTA, item(j) -> Item of its local item j) for the
+  persistent grid: global item i = cta + j * num_ctas, in L2-banded (planar snake) order."""
+  grp_gmem, start_gmem, end_gmem, count_gmem = tile_refs
+  m, tm, grid_n, num_ctas = geo.m, geo.tm, geo.grid_n, geo.num_ctas
+  cta = lax.axis_index("sm")
+  num_valid = count_gmem[0]
+  num_local = jnp.maximum(num_valid * grid_n - cta + num_ctas - 1, 0) // num_ctas
+  num_items_max = grp_gmem.shape[0]
+
+  def item(j) -> Item:
+    idx, ni = plgpu.planar_snake(cta + j * num_ctas, (num_valid, grid_n), 1,
+                                 min(geo.group_m, num_items_max))
+    start = start_gmem[idx]
+    row0 = jnp.minimum(start // coop.ROW_ALIGN * coop.ROW_ALIGN, m - tm)
+    return Item(grp_gmem[idx], start, end_gmem[idx], pl.multiple_of(row0, coop.ROW_ALIGN), ni)
+
+  return num_local, item
+
+
+def ring_smem(geo: Geometry, lhs_dtype, rhs_dtype, transpose_rhs: bool) -> dict:
+  """The ring's swizzled buffers as `pl.run_scoped` allocations: a_smem [stages, tm, tk] and
+  b_smem [stages, tk, tn] ([stages, tn, tk] when the weights are read transposed)."""
+  rhs_block = (geo.tn, geo.tk) if transpose_rhs else (geo.tk, geo.tn)
+  return dict(a_smem=plgpu.SMEM((geo.stages, geo.tm, geo.tk), lhs_dtype,
+                                transforms=coop.swizzled(geo.tk, lhs_dtype)),
+              b_smem=plgpu.SMEM((geo.stages, *rhs_block), rhs_dtype,
+                                transforms=coop.swizzled(rhs_block[1], rhs_dtype)))
+
+
+def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, rhs_gmem,
+              a_smem, b_smem, loaded: Callable[[jax.Array, jax.Array], object], free) -> None:
+  """The memory warpgroup: TMA-loads every K step of the CTA's items into the ring, waiting
+  for a slot to be freed before refilling it; `loaded(j, slot)` is the barrier of item j's
+  copies into `slot`."""
+  g, tm, tn, tk, ksteps, stages = geo.g, geo.tm, geo.tn, geo.tk, geo.ksteps, geo.stages
+
+  @pl.loop(0, num_local)
+  def _item(j):
+    it = item(j)
+    rhs_g = rhs_gmem.at[jnp.minimum(it.group, g - 1)]
+
+    @pl.loop(0, ksteps)
+    def _step(kk):
+      s = j * ksteps + kk
+      slot = s % stages
+
+      @pl.when(s >= stages)
+      def _wait_free():
+        plgpu.barrier_wait(free.at[slot])
+
+      cols = pl.ds(kk * tk, tk)
+      barrier = loaded(j, slot)
+      plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(it.row0, tm), cols], a_smem.at[slot], barrier)
+      src = (rhs_g.at[pl.ds(it.col * tn, tn), cols] if transpose_rhs
+             else rhs_g.at[cols, pl.ds(it.col * tn, tn)])
+      plgpu.copy_gmem_to_smem(src, b_smem.at[slot], barrier)
+
+  # Observe the last releases, so that no barrier phase goes unseen.
+  steps = num_local * ksteps
+
+  @pl.loop(jnp.maximum(steps - stages, 0), steps)
+  def _drain(s):
+    plgpu.barrier_wait(free.at[s % stages])
+
+
+def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
+              loaded: Callable[[jax.Array], object], free, a_rows=None) -> None:
+  """One item's main loop on this warpgroup: wgmma of each K step (lhs rows `a_rows` of the
+  A tile, all rows if None) with one wgmma in flight; `loaded(slot)` is this warpgroup's
+  barrier of the slot. A slot is freed once the wgmma after it has been issued, the last one
+  after the final wait."""
+  ksteps, stages = geo.ksteps, geo.stages
+
+  def step(kk, _):
+    s = j * ksteps + kk
+    slot = s % stages
+    plgpu.barrier_wait(loaded(slot))
+    a = a_smem.at[slot] if a_rows is None else a_smem.at[slot].at[a_rows]
+    b = b_smem.at[slot]
+    plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if transpose_rhs else b)
+    plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+
+    @pl.when(kk > 0)
+    def _release():
+      plgpu.barrier_arrive(free.at[(s - 1) % stages])
+
+  lax.fori_loop(0, ksteps, step, None)
+  plgpu.wgmma_wait(0)
+  plgpu.barrier_arrive(free.at[(j * ksteps + ksteps - 1) % stages])
