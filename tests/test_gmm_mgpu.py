@@ -133,17 +133,46 @@ def test_ring_stages_the_output_in_column_chunks(transpose_rhs):
   np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)
 
 
-@pytest.mark.parametrize("cluster", [1, 2])
-def test_tgmm_matches_float64(cluster):
+# tgmm schedules: [tk, tn] is the output block, tm the reduction rows per step. The ring
+# splits tk between warpgroups (64 rows each), so its two-warpgroup case reads K = 128.
+TGMM_SCHEDULES = {
+    "cooperative": TGMM_T,
+    "cluster": Tiling(tm=64, tn=64, tk=64, num_warps=4, num_stages=2, group_m=2, cluster=2),
+    # 3 slots over items of 1-4 steps: the ring's slot index carries from item to item
+    "ring": Tiling(tm=64, tn=128, tk=128, num_warps=8, num_stages=3, group_m=2, ring=1),
+    "ring_one_warpgroup": Tiling(tm=64, tn=128, tk=64, num_warps=4, num_stages=2, group_m=2,
+                                 ring=1),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(TGMM_SCHEDULES))
+def test_tgmm_matches_float64(schedule):
   gs = SIZES["ragged"]
   lhs, _, dy = _inputs(2)
-  t = TGMM_T if cluster == 1 else Tiling(tm=64, tn=64, tk=64, num_warps=4, num_stages=2,
-                                         group_m=2, cluster=2)
+  t = TGMM_SCHEDULES[schedule]
+  lhs = lhs[:, :K // t.tk * t.tk]
   out = mg.tgmm(lhs, dy, jnp.array(gs, jnp.int32), tiling=t, interpret=True,
                 out_dtype=jnp.float32)
   ref = _np_tgmm(lhs, dy, gs)
   assert _rel(out, ref) <= 1e-2
   np.testing.assert_array_equal(np.asarray(out[1]), 0.0)  # the empty group
+
+
+@pytest.mark.parametrize("out_dtype,chunks", [(jnp.bfloat16, (64, 2)), (jnp.float32, (64, 1))])
+def test_ring_tgmm_stages_the_block_in_column_chunks(out_dtype, chunks):
+  """A 128 x 256 output block next to 4 stages of 64 x (128 + 256): bf16 is staged in two
+  alternating 64-column buffers, float32 in one 64-column buffer (four stores per block)."""
+  from openmoe_jax.kernels.gmm import pallas_mgpu_ring_tgmm as ring_tgmm  # noqa: PLC0415
+  t = Tiling(tm=64, tn=256, tk=128, num_warps=8, num_stages=4, group_m=2, ring=1)
+  assert ring_tgmm._staging(t, 2, jnp.dtype(out_dtype).itemsize) == chunks
+  gs = SIZES["ragged"]
+  lhs, _, _ = _inputs(6)
+  dy = jax.random.normal(jax.random.key(7), (M, 256), jnp.float32).astype(jnp.bfloat16)
+  out = mg.tgmm(lhs[:, :128], dy, jnp.array(gs, jnp.int32), tiling=t, interpret=True,
+                out_dtype=out_dtype)
+  assert out.dtype == out_dtype
+  assert _rel(out, _np_tgmm(lhs[:, :128], dy, gs)) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
 
 
 @pytest.mark.parametrize("m", [44, 100])
@@ -211,6 +240,10 @@ def test_supports_explains_refusals():
   assert "no room" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 128, 8, 3, ring=1), **ok)
   assert "no cluster" in mg.supports(jnp.bfloat16, t=Tiling(128, 128, 64, 8, 3, ring=1,
                                                             cluster=2), **ok)
+  tg = {**ok, "op": "tgmm"}
+  assert mg.supports(jnp.bfloat16, t=Tiling(64, 256, 128, 8, 4, ring=1), **tg) is None
+  assert "registers" in mg.supports(jnp.bfloat16, t=Tiling(64, 256, 64, 8, 3, ring=1), **tg)
+  assert "no room" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 128, 8, 3, ring=1), **tg)
   with pytest.raises(ValueError, match="cannot run"):
     mg.gmm(jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((2, 100, 128), jnp.bfloat16),
            jnp.array([32, 32]), tiling=GMM_T, interpret=True)
@@ -222,7 +255,8 @@ def test_supports_explains_refusals():
     ("gmm", Tiling(128, 256, 64, 8, 3, cluster=2, delay_release=1)),  # 32 K steps: unchained
     ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3)),
     ("gmm", Tiling(128, 256, 64, 8, 4, ring=1)), ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=1)),
-    ("gmm", Tiling(64, 128, 128, 4, 4, ring=1))])
+    ("gmm", Tiling(64, 128, 128, 4, 4, ring=1)), ("tgmm", Tiling(64, 256, 128, 8, 4, ring=1)),
+    ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1))])
 def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
   """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
   of shared memory, clusters) without a GPU."""

@@ -20,6 +20,21 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from openmoe_jax.kernels.gmm import pallas_mgpu as coop
 
 
+SMEM_BYTES = 227 * 1024
+COMPUTE_REGISTERS = 232  # two compute warpgroups at 232 + one memory at 40 <= 512 per thread
+MEMORY_REGISTERS = 40
+
+
+def launch(kernel, out_type, wgs: int, num_ctas: int, interpret: bool):
+  """One persistent CTA per SM (grid axis "sm"), `wgs` compute warpgroups and one memory
+  warpgroup (axis "wg"); `interpret` runs Pallas' GPU interpreter instead."""
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(num_ctas,), grid_names=("sm",), num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else False)
+
+
 class Geometry(NamedTuple):
   """Static shape of one hand-written gmm call."""
   m: int          # rows (padded to the 8-row grid)

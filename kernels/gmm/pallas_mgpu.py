@@ -6,8 +6,8 @@ into a `num_stages`-deep shared-memory ring) and `num_warps // 4` compute warpgr
 owning `tn / wgs` output columns of the tile and issuing wgmma on the shared tiles.
 With `cluster=2`, CTA pairs take adjacent column tiles of the same rows and the lhs tile is
 loaded once for both (TMA multicast), which cuts L2 traffic by a sixth at 128 x 256 tiles.
-`pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead, `ring=1` (gmm
-only) that of `pallas_mgpu_ring`.
+`pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead, `ring=1` that of
+`pallas_mgpu_ring` (gmm) or `pallas_mgpu_ring_tgmm` (tgmm).
 
 gmm: a work item is `tm` rows of one group, starting at the group's first row (tiles are
 aligned to groups, not to the row grid, so a group of s rows costs ceil(s / tm) tiles and a
@@ -64,7 +64,10 @@ def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> 
   if n % (t.tn * t.cluster):
     return f"N={n} not a multiple of tn * cluster={t.tn * t.cluster}"
   del out_rows
-  if t.ring and op != "tgmm":
+  if t.ring and op == "tgmm":
+    from openmoe_jax.kernels.gmm import pallas_mgpu_ring_tgmm  # noqa: PLC0415 - imports us
+    return pallas_mgpu_ring_tgmm.unfit(t, jnp.dtype(lhs_dtype).itemsize)
+  if t.ring:
     from openmoe_jax.kernels.gmm import pallas_mgpu_ring  # noqa: PLC0415 - imports us
     return pallas_mgpu_ring.unfit(t, jnp.dtype(lhs_dtype).itemsize)
   if t.pingpong and op != "tgmm":
@@ -410,5 +413,9 @@ def tgmm(lhs_XK, rhs_MN, group_sizes_G, *, row_index_M=None, out_dtype=None,
     lhs_XK = jnp.pad(lhs_XK, ((0, pad), (0, 0)))
     rhs_MN = jnp.pad(rhs_MN, ((0, pad), (0, 0)))
   rows = group_row_tiles(group_sizes_G, m, t.tm)
-  return _tgmm_call(rows, lhs_XK, rhs_MN.astype(lhs_XK.dtype), out_dtype=out_dtype, t=t,
+  call = _tgmm_call
+  if t.ring:
+    from openmoe_jax.kernels.gmm import pallas_mgpu_ring_tgmm  # noqa: PLC0415 - imports us
+    call = pallas_mgpu_ring_tgmm.tgmm_call
+  return call(rows, lhs_XK, rhs_MN.astype(lhs_XK.dtype), out_dtype=out_dtype, t=t,
                     interpret=interpret)

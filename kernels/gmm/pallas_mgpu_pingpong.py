@@ -35,9 +35,7 @@ from openmoe_jax.kernels.gmm import mgpu_ring_parts as parts
 from openmoe_jax.kernels.gmm import pallas_mgpu as coop
 from openmoe_jax.kernels.gmm.tiling import Tiling
 
-SMEM_BYTES = 227 * 1024
-_COMPUTE_REGISTERS = 232  # two compute warpgroups at 232 + one memory at 40 <= 512 per thread
-_MEMORY_REGISTERS = 40
+SMEM_BYTES = parts.SMEM_BYTES
 
 
 def epilogue_cols(t: Tiling, itemsize: int = 2) -> int:
@@ -87,7 +85,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
 
       @pl.when(wg == 2)
       def _memory_warpgroup():
-        plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+        plgpu.set_max_registers(parts.MEMORY_REGISTERS, action="decrease")
         # A slot's "loaded" barrier is per owner: warpgroup j % 2 computes item j.
         parts.load_ring(geo, item, num_local, transpose_rhs=transpose_rhs, lhs_gmem=lhs_gmem,
                         rhs_gmem=rhs_gmem, a_smem=a_smem, b_smem=b_smem,
@@ -96,7 +94,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
 
       @pl.when(wg < 2)
       def _compute_warpgroup():
-        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(parts.COMPUTE_REGISTERS, action="increase")
 
         @pl.loop(0, (num_local - wg + 1) // 2)
         def _item(i):
@@ -132,9 +130,6 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(geo.num_ctas,),
-      grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else False)
+  call = parts.launch(kernel, jax.ShapeDtypeStruct((m, n), out_dtype), 2, geo.num_ctas,
+                      interpret)
   return call(tiles.group, tiles.start, tiles.end, tiles.count, lhs_MK, rhs)

@@ -13,7 +13,8 @@ is written out by hand, so it has both:
   shared-memory traffic per flop than a column split). After issuing step s a warpgroup
   waits for step s - 1's wgmma only, and then releases that slot.
 * The output is staged in column chunks (two alternating buffers when the tile does not fit
-  next to the ring), so the ring can be deeper than with a whole-tile staging buffer.
+  next to the ring, one for a float32 output), so the ring can be deeper than with a
+  whole-tile staging buffer.
 
 Work items, tile alignment to groups, the tail group and the ladder stores of group-edge
 tiles are those of `pallas_mgpu` (gmm and the dx form with transposed rhs).
@@ -32,25 +33,27 @@ from openmoe_jax.kernels.gmm import mgpu_ring_parts as parts
 from openmoe_jax.kernels.gmm import pallas_mgpu as coop
 from openmoe_jax.kernels.gmm.tiling import Tiling
 
-SMEM_BYTES = 227 * 1024
-_COMPUTE_REGISTERS = 232  # two compute warpgroups at 232 + one memory at 40 <= 512 per thread
-_MEMORY_REGISTERS = 40
-
-
-def staging(t: Tiling, itemsize: int = 2) -> tuple[int, int] | None:
-  """(columns per staged chunk, buffers): the whole tile in one buffer when it fits next to
-  the ring, else the widest chunk of tn / 2^i columns (>= 64) in two buffers; None if not
-  even that fits."""
-  ring = t.num_stages * (t.tm * t.tk + t.tk * t.tn) * itemsize
-  room = SMEM_BYTES - 1024 - ring
-  if t.tm * t.tn * itemsize <= room:
-    return t.tn, 1
-  cols = t.tn // 2
-  while cols >= 64:
-    if 2 * t.tm * cols * itemsize <= room:
-      return cols, 2
-    cols //= 2
+def staging_for(ring_bytes: int, rows: int, tn: int, itemsize: int) -> tuple[int, int] | None:
+  """(columns per staged chunk, buffers) of a rows x tn output block next to a ring of
+  `ring_bytes`: the whole block in one buffer when it fits, else the widest chunk of
+  tn / 2^i columns (>= 64) in two alternating buffers, else (a float32 output) one buffer
+  of >= 32 columns; None if not even that fits."""
+  room = parts.SMEM_BYTES - 1024 - ring_bytes
+  if rows * tn * itemsize <= room:
+    return tn, 1
+  for bufs, narrowest in ((2, 64), (1, 32)):
+    cols = tn // 2
+    while cols >= narrowest:
+      if bufs * rows * cols * itemsize <= room:
+        return cols, bufs
+      cols //= 2
   return None
+
+
+def staging(t: Tiling, itemsize: int = 2, out_itemsize: int | None = None):
+  """`staging_for` a gmm tile: a ring of tm x tk and tk x tn stages, a tm x tn block."""
+  ring_bytes = t.num_stages * (t.tm * t.tk + t.tk * t.tn) * itemsize
+  return staging_for(ring_bytes, t.tm, t.tn, out_itemsize or itemsize)
 
 
 def unfit(t: Tiling, itemsize: int = 2) -> str | None:
@@ -64,8 +67,8 @@ def unfit(t: Tiling, itemsize: int = 2) -> str | None:
             "64 x 256 f32 accumulators per warpgroup (registers)")
   if t.cluster != 1 or t.pingpong or t.ctas_per_sm != 1:
     return "ring: one CTA per SM, no cluster, no ping-pong"
-  if staging(t, itemsize) is None:
-    return "ring of num_stages leaves no room for a 64-column output staging buffer"
+  if staging(t, itemsize, 4) is None:  # room for a float32 output too
+    return "ring of num_stages leaves no room for an output staging buffer"
   return None
 
 
@@ -75,7 +78,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
   m, g, tm, tn, stages = geo.m, geo.g, geo.tm, geo.tn, geo.stages
   wgs = t.num_warps // 4
   rows_wg = tm // wgs
-  en, bufs = staging(t, jnp.dtype(out_dtype).itemsize)
+  en, bufs = staging(t, jnp.dtype(lhs_MK.dtype).itemsize, jnp.dtype(out_dtype).itemsize)
 
   def kernel(*refs):
     *tile_refs, lhs_gmem, rhs_gmem, out_gmem = refs  # the TileList, then the operands
@@ -97,7 +100,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
       @pl.when(wg == wgs)
       def _memory_warpgroup():
         if wgs == 2:
-          plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+          plgpu.set_max_registers(parts.MEMORY_REGISTERS, action="decrease")
         parts.load_ring(geo, item, num_local, transpose_rhs=transpose_rhs, lhs_gmem=lhs_gmem,
                         rhs_gmem=rhs_gmem, a_smem=a_smem, b_smem=b_smem,
                         loaded=lambda j, slot: produced.at[slot], free=consumed)
@@ -105,7 +108,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
       @pl.when(wg < wgs)
       def _compute_warpgroup():
         if wgs == 2:
-          plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+          plgpu.set_max_registers(parts.COMPUTE_REGISTERS, action="increase")
         own = pl.ds(pl.multiple_of(wg * rows_wg, 64), rows_wg)
 
         @pl.loop(0, num_local)
@@ -135,9 +138,5 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(geo.num_ctas,),
-      grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else False)
+  call = parts.launch(kernel, jax.ShapeDtypeStruct((m, n), out_dtype), wgs, geo.num_ctas, interpret)
   return call(tiles.group, tiles.start, tiles.end, tiles.count, lhs_MK, rhs)

@@ -136,7 +136,10 @@ def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
     if op == "tgmm":  # tm: reduction rows; [tk, tn]: output block, tn split over warpgroups
       return [Tiling(64, 256, 128, 8, 3), Tiling(64, 128, 128, 8, 4), Tiling(128, 128, 128, 8, 3),
               Tiling(64, 128, 128, 4, 4), Tiling(64, 256, 64, 8, 4),
-              Tiling(64, 128, 128, 8, 2, ctas_per_sm=2), Tiling(64, 128, 64, 8, 3, ctas_per_sm=2)]
+              Tiling(64, 128, 128, 8, 2, ctas_per_sm=2), Tiling(64, 128, 64, 8, 3, ctas_per_sm=2),
+              # hand-written ring across items, one wgmma in flight, tk split between warpgroups
+              Tiling(64, 256, 128, 8, 3, ring=1), Tiling(64, 256, 128, 8, 4, ring=1),
+              Tiling(64, 128, 256, 8, 3, ring=1), Tiling(64, 128, 128, 8, 4, ring=1)]
     # gmm chains the tiles of a CTA into one pipeline when num_stages divides K / tk.
     return [Tiling(128, 256, 64, 8, 3), Tiling(128, 256, 64, 8, 2), Tiling(128, 128, 64, 8, 4),
             Tiling(128, 128, 64, 4, 4), Tiling(64, 256, 64, 8, 4), Tiling(128, 128, 128, 8, 3),
