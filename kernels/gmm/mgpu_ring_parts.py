@@ -130,27 +130,35 @@ def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, 
     plgpu.barrier_wait(free.at[s % stages])
 
 
-def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
-              loaded: Callable[[jax.Array], object], free, a_rows=None) -> None:
-  """One item's main loop on this warpgroup: wgmma of each K step (lhs rows `a_rows` of the
-  A tile, all rows if None) with one wgmma in flight; `loaded(slot)` is this warpgroup's
-  barrier of the slot. A slot is freed once the wgmma after it has been issued, the last one
-  after the final wait."""
-  ksteps, stages = geo.ksteps, geo.stages
-
-  def step(kk, _):
-    s = j * ksteps + kk
+def ring_mma(acc_ref, s0, count, stages: int, *, operands, loaded, free) -> None:
+  """wgmma of ring steps s0 .. s0 + count - 1 on this warpgroup with one wgmma in flight:
+  `operands(r, slot)` gives step r's (A, B) refs (and may first prepare the slot's shared
+  memory); `loaded(slot)` is this warpgroup's barrier of the slot. A slot is freed once the
+  wgmma after it has been issued, the last one after the final wait."""
+  def step(r, _):
+    s = s0 + r
     slot = s % stages
     plgpu.barrier_wait(loaded(slot))
-    a = a_smem.at[slot] if a_rows is None else a_smem.at[slot].at[a_rows]
-    b = b_smem.at[slot]
-    plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if transpose_rhs else b)
+    plgpu.wgmma(acc_ref, *operands(r, slot))
     plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
 
-    @pl.when(kk > 0)
+    @pl.when(r > 0)
     def _release():
       plgpu.barrier_arrive(free.at[(s - 1) % stages])
 
-  lax.fori_loop(0, ksteps, step, None)
+  lax.fori_loop(0, count, step, None)
   plgpu.wgmma_wait(0)
-  plgpu.barrier_arrive(free.at[(j * ksteps + ksteps - 1) % stages])
+  plgpu.barrier_arrive(free.at[(s0 + count - 1) % stages])
+
+
+def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
+              loaded: Callable[[jax.Array], object], free, a_rows=None) -> None:
+  """One gmm item's main loop on this warpgroup (`ring_mma` over its K steps): lhs rows
+  `a_rows` of the A tile (all rows if None) against the whole B tile."""
+  def operands(_, slot):
+    a = a_smem.at[slot] if a_rows is None else a_smem.at[slot].at[a_rows]
+    b = b_smem.at[slot]
+    return a, (b.transpose((1, 0)) if transpose_rhs else b)
+
+  ring_mma(acc_ref, j * geo.ksteps, geo.ksteps, geo.stages, operands=operands, loaded=loaded,
+           free=free)

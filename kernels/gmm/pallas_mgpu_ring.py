@@ -56,20 +56,27 @@ def staging(t: Tiling, itemsize: int = 2, out_itemsize: int | None = None):
   return staging_for(ring_bytes, t.tm, t.tn, out_itemsize or itemsize)
 
 
-def unfit(t: Tiling, itemsize: int = 2) -> str | None:
-  """Why a tiling cannot run the ring schedule (registers or shared memory), else None."""
+def unfit_for(t: Tiling, out_rows: int, staged: bool) -> str | None:
+  """Why a ring tiling whose output block has `out_rows` rows (split between the compute
+  warpgroups) and t.tn columns cannot run, else None; `staged`: the output staging fits next
+  to the ring (for a float32 output too)."""
   wgs = t.num_warps // 4
   if t.num_warps % 4 or wgs not in (1, 2):
     return "ring: num_warps 4 or 8 (one or two compute warpgroups)"
-  rows = t.tm // wgs
-  if t.tm % wgs or rows % 64 or rows * t.tn > 64 * 256 or t.tn % 64:
-    return ("ring tiles: tm / warpgroups a multiple of 64, tn a multiple of 64 and at most "
-            "64 x 256 f32 accumulators per warpgroup (registers)")
+  rows = out_rows // wgs
+  if out_rows % wgs or rows % 64 or rows * t.tn > 64 * 256 or t.tn % 64:
+    return ("ring tiles: output rows / warpgroups a multiple of 64, tn a multiple of 64 and at "
+            "most 64 x 256 f32 accumulators per warpgroup (registers)")
   if t.cluster != 1 or t.pingpong or t.ctas_per_sm != 1:
     return "ring: one CTA per SM, no cluster, no ping-pong"
-  if staging(t, itemsize, 4) is None:  # room for a float32 output too
+  if not staged:
     return "ring of num_stages leaves no room for an output staging buffer"
   return None
+
+
+def unfit(t: Tiling, itemsize: int = 2) -> str | None:
+  """Why a tiling cannot run the ring gmm (its output block is tm x tn), else None."""
+  return unfit_for(t, t.tm, staging(t, itemsize, 4) is not None)
 
 
 def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,

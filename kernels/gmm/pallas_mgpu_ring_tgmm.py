@@ -36,18 +36,9 @@ def _staging(t: Tiling, in_itemsize: int, out_itemsize: int):
 
 def unfit(t: Tiling, itemsize: int = 2) -> str | None:
   """Why a tiling cannot run the ring tgmm (registers or shared memory), else None."""
-  wgs = t.num_warps // 4
-  if t.num_warps % 4 or wgs not in (1, 2):
-    return "ring: num_warps 4 or 8 (one or two compute warpgroups)"
-  rows = t.tk // wgs
-  if t.tk % wgs or rows % 64 or rows * t.tn > 64 * 256 or t.tn % 64 or t.tm % 64:
-    return ("ring tgmm tiles: tk / warpgroups and tm multiples of 64, tn a multiple of 64 and "
-            "at most 64 x 256 f32 accumulators per warpgroup (registers)")
-  if t.cluster != 1 or t.pingpong or t.ctas_per_sm != 1:
-    return "ring: one CTA per SM, no cluster, no ping-pong"
-  if _staging(t, itemsize, 4) is None:  # room for a float32 output too
-    return "ring of num_stages leaves no room for an output staging buffer"
-  return None
+  if t.tm % 64:
+    return "ring tgmm tiles: tm (reduction rows per step) a multiple of 64"
+  return ring.unfit_for(t, t.tk, _staging(t, itemsize, 4) is not None)
 
 
 def tgmm_call(rows: coop.GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling,
@@ -128,31 +119,22 @@ def tgmm_call(rows: coop.GroupRowTiles, lhs_MK, rhs_MN, *, out_dtype, t: Tiling,
           gi, ki, ni, first, count = item(j)
           start, end = start_gmem[gi], end_gmem[gi]
 
+          def operands(r, slot):
+            a_own = a_smem.at[slot].at[:, own]
+
+            @pl.when((r == 0) | (r == count - 1))
+            def _mask_other_groups():
+              row = plgpu.broadcasted_iota(jnp.int32, (tm, tk_wg), 0,
+                                           layout=plgpu.Layout.WGMMA) + (first + r) * tm
+              keep = (row >= start) & (row < end)
+              a_own[...] = jnp.where(keep, a_own[...], jnp.zeros_like(a_own[...]))
+              plgpu.commit_smem()
+
+            return a_own.transpose((1, 0)), b_smem.at[slot]
+
           def main_loop(acc_ref):
-            def step(r, _):
-              s = s0 + r
-              slot = s % stages
-              plgpu.barrier_wait(produced.at[slot])
-              a_own = a_smem.at[slot].at[:, own]
-
-              @pl.when((r == 0) | (r == count - 1))
-              def _mask_other_groups():
-                row = plgpu.broadcasted_iota(jnp.int32, (tm, tk_wg), 0,
-                                             layout=plgpu.Layout.WGMMA) + (first + r) * tm
-                keep = (row >= start) & (row < end)
-                a_own[...] = jnp.where(keep, a_own[...], jnp.zeros_like(a_own[...]))
-                plgpu.commit_smem()
-
-              plgpu.wgmma(acc_ref, a_own.transpose((1, 0)), b_smem.at[slot])
-              plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
-
-              @pl.when(r > 0)
-              def _release():
-                plgpu.barrier_arrive(consumed.at[(s - 1) % stages])
-
-            lax.fori_loop(0, count, step, None)
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[(s0 + count - 1) % stages])
+            parts.ring_mma(acc_ref, s0, count, stages, operands=operands,
+                           loaded=lambda slot: produced.at[slot], free=consumed)
             return acc_ref[...]
 
           acc = pl.run_scoped(main_loop, plgpu.ACC((tk_wg, tn), jnp.float32))
