@@ -84,6 +84,8 @@ SCHEDULES = {
     # Hand-written ring: the two warpgroups take 64 rows each; 4 stages over 3 K steps per
     # tile, so slots carry over from one tile to the next.
     "ring": Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, group_m=2, ring=1),
+    # ring=2: each block's epilogue runs under the next block's first wgmma
+    "ring_overlap": Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, group_m=2, ring=2),
     "ring_one_warpgroup": Tiling(tm=64, tn=128, tk=64, num_warps=4, num_stages=2, group_m=2,
                                  ring=1),
 }
@@ -256,7 +258,7 @@ def test_supports_explains_refusals():
     ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3)),
     ("gmm", Tiling(128, 256, 64, 8, 4, ring=1)), ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=1)),
     ("gmm", Tiling(64, 128, 128, 4, 4, ring=1)), ("tgmm", Tiling(64, 256, 128, 8, 4, ring=1)),
-    ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1))])
+    ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1)), ("gmm", Tiling(128, 256, 64, 8, 4, ring=2))])
 def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
   """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
   of shared memory, clusters) without a GPU."""

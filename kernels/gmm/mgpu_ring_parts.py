@@ -9,7 +9,7 @@ every thread that waits on it, so the memory warpgroup also waits for the last r
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,11 +130,14 @@ def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, 
     plgpu.barrier_wait(free.at[s % stages])
 
 
-def ring_mma(acc_ref, s0, count, stages: int, *, operands, loaded, free) -> None:
+def ring_mma(acc_ref, s0, count, stages: int, *, operands, loaded, free,
+             after: Sequence[tuple[int, Callable[[], None]]] = ()) -> None:
   """wgmma of ring steps s0 .. s0 + count - 1 on this warpgroup with one wgmma in flight:
   `operands(r, slot)` gives step r's (A, B) refs (and may first prepare the slot's shared
   memory); `loaded(slot)` is this warpgroup's barrier of the slot. A slot is freed once the
-  wgmma after it has been issued, the last one after the final wait."""
+  wgmma after it has been issued, the last one after the final wait. Each `(r, fn)` of
+  `after` runs fn while step r's wgmma computes (e.g. part of the previous block's
+  epilogue); r is clipped to the last step."""
   def step(r, _):
     s = s0 + r
     slot = s % stages
@@ -146,13 +149,17 @@ def ring_mma(acc_ref, s0, count, stages: int, *, operands, loaded, free) -> None
     def _release():
       plgpu.barrier_arrive(free.at[(s - 1) % stages])
 
+    for at, fn in after:
+      pl.when(r == min(at, count - 1))(fn)
+
   lax.fori_loop(0, count, step, None)
   plgpu.wgmma_wait(0)
   plgpu.barrier_arrive(free.at[(s0 + count - 1) % stages])
 
 
 def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
-              loaded: Callable[[jax.Array], object], free, a_rows=None) -> None:
+              loaded: Callable[[jax.Array], object], free, a_rows=None,
+              after: Sequence[tuple[int, Callable[[], None]]] = ()) -> None:
   """One gmm item's main loop on this warpgroup (`ring_mma` over its K steps): lhs rows
   `a_rows` of the A tile (all rows if None) against the whole B tile."""
   def operands(_, slot):
@@ -161,4 +168,4 @@ def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
     return a, (b.transpose((1, 0)) if transpose_rhs else b)
 
   ring_mma(acc_ref, j * geo.ksteps, geo.ksteps, geo.stages, operands=operands, loaded=loaded,
-           free=free)
+           free=free, after=after)

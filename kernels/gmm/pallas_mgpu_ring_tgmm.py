@@ -36,6 +36,8 @@ def _staging(t: Tiling, in_itemsize: int, out_itemsize: int):
 
 def unfit(t: Tiling, itemsize: int = 2) -> str | None:
   """Why a tiling cannot run the ring tgmm (registers or shared memory), else None."""
+  if t.ring != 1:
+    return "ring tgmm: ring=1 (ring=2, the overlapped epilogue, is gmm only)"
   if t.tm % 64:
     return "ring tgmm tiles: tm (reduction rows per step) a multiple of 64"
   return ring.unfit_for(t, t.tk, _staging(t, itemsize, 4) is not None)

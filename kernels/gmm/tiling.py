@@ -21,7 +21,8 @@ class Tiling:
   cluster: int = 1       # pallas_mgpu gmm only: 2 = CTA pairs share the lhs tile (TMA multicast)
   delay_release: int = 0  # pallas_mgpu gmm only: 1 = one wgmma in flight across K steps
   ring: int = 0          # pallas_mgpu only: 1 = hand-written ring across tiles, one wgmma in
-  #                        flight, rows split between warpgroups (pallas_mgpu_ring, _ring_tgmm)
+  #                        flight, rows split between warpgroups (pallas_mgpu_ring, _ring_tgmm);
+  #                        2 (gmm) = the same, each block stored under the next one's wgmma
   interleave: int = 0    # pallas_gpu gmm only: 1 = items by relative position in their group
   #                        (metadata.interleave_items: L2 reuse of rows many groups gather);
   #                        B > 1 = the same inside consecutive blocks of B groups

@@ -155,7 +155,10 @@ def candidates(op: str, dtype, backend: str = "pallas_gpu") -> list[Tiling]:
             # hand-written ring across tiles, one wgmma in flight, rows split between warpgroups
             Tiling(128, 256, 64, 8, 4, ring=1), Tiling(128, 128, 64, 8, 6, ring=1),
             Tiling(128, 128, 64, 8, 4, ring=1), Tiling(128, 128, 128, 8, 3, ring=1),
-            Tiling(64, 128, 128, 4, 4, ring=1)]
+            Tiling(64, 128, 128, 4, 4, ring=1),
+            # the same with each block stored under the next block's wgmmas
+            Tiling(128, 256, 64, 8, 4, ring=2), Tiling(128, 128, 64, 8, 6, ring=2),
+            Tiling(128, 128, 128, 8, 3, ring=2), Tiling(64, 128, 128, 4, 4, ring=2)]
   if jnp.dtype(dtype) == jnp.float32:
     return [Tiling(64, 64, 32, 4, 3), Tiling(64, 128, 32, 4, 3), Tiling(128, 64, 32, 8, 3)]
   if op == "tgmm":  # tm is the reduction here, [tk, tn] the output tile
