@@ -116,12 +116,14 @@ def test_gmm_matches_float64(case, transpose_rhs, schedule):
   np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)  # tail rows
 
 
+@pytest.mark.parametrize("ring_kind", [1, 2])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-def test_ring_stages_the_output_in_column_chunks(transpose_rhs):
+def test_ring_stages_the_output_in_column_chunks(transpose_rhs, ring_kind):
   """A 128 x 256 tile with 4 stages leaves room for two 64-column staging buffers only: the
-  epilogue stores each warpgroup's rows in four chunks, alternating the buffers."""
+  epilogue stores each warpgroup's rows in four chunks, alternating the buffers (ring=2:
+  under the next item's K steps 0, 0, 1 and 2 of 3, so two chunks share a step)."""
   from openmoe_jax.kernels.gmm import pallas_mgpu_ring as ring  # noqa: PLC0415
-  t = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=4, group_m=2, ring=1)
+  t = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=4, group_m=2, ring=ring_kind)
   assert ring.staging(t) == (64, 2)
   assert ring.staging(dataclasses.replace(t, num_stages=3)) == (256, 1)
   gs = SIZES["ragged"]
@@ -246,6 +248,9 @@ def test_supports_explains_refusals():
   assert mg.supports(jnp.bfloat16, t=Tiling(64, 256, 128, 8, 4, ring=1), **tg) is None
   assert "registers" in mg.supports(jnp.bfloat16, t=Tiling(64, 256, 64, 8, 3, ring=1), **tg)
   assert "no room" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 128, 8, 3, ring=1), **tg)
+  assert "gmm only" in mg.supports(jnp.bfloat16, t=Tiling(64, 256, 128, 8, 4, ring=2), **tg)
+  assert mg.supports(jnp.bfloat16, t=Tiling(128, 256, 64, 8, 4, ring=2), **ok) is None
+  assert "ring: 1" in mg.supports(jnp.bfloat16, t=Tiling(128, 256, 64, 8, 4, ring=3), **ok)
   with pytest.raises(ValueError, match="cannot run"):
     mg.gmm(jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((2, 100, 128), jnp.bfloat16),
            jnp.array([32, 32]), tiling=GMM_T, interpret=True)
@@ -258,7 +263,8 @@ def test_supports_explains_refusals():
     ("gmm_t", Tiling(128, 128, 64, 8, 4, pingpong=1)), ("tgmm", Tiling(64, 256, 128, 8, 3)),
     ("gmm", Tiling(128, 256, 64, 8, 4, ring=1)), ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=1)),
     ("gmm", Tiling(64, 128, 128, 4, 4, ring=1)), ("tgmm", Tiling(64, 256, 128, 8, 4, ring=1)),
-    ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1)), ("gmm", Tiling(128, 256, 64, 8, 4, ring=2))])
+    ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1)), ("gmm", Tiling(128, 256, 64, 8, 4, ring=2)),
+    ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=2))])
 def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
   """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
   of shared memory, clusters) without a GPU."""
