@@ -7,7 +7,8 @@ owning `tn / wgs` output columns of the tile and issuing wgmma on the shared til
 With `cluster=2`, CTA pairs take adjacent column tiles of the same rows and the lhs tile is
 loaded once for both (TMA multicast), which cuts L2 traffic by a sixth at 128 x 256 tiles.
 `pingpong=1` (gmm only) runs the schedule of `pallas_mgpu_pingpong` instead, `ring=1` that of
-`pallas_mgpu_ring` (gmm) or `pallas_mgpu_ring_tgmm` (tgmm).
+`pallas_mgpu_ring` (gmm) or `pallas_mgpu_ring_tgmm` (tgmm), `ring=2` (gmm only) the ring with
+each block stored under the next block's wgmmas.
 
 gmm: a work item is `tm` rows of one group, starting at the group's first row (tiles are
 aligned to groups, not to the row grid, so a group of s rows costs ceil(s / tm) tiles and a
