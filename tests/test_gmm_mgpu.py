@@ -265,9 +265,13 @@ def test_supports_explains_refusals():
     ("gmm", Tiling(64, 128, 128, 4, 4, ring=1)), ("tgmm", Tiling(64, 256, 128, 8, 4, ring=1)),
     ("tgmm", Tiling(64, 128, 128, 8, 4, ring=1)), ("gmm", Tiling(128, 256, 64, 8, 4, ring=2)),
     ("gmm_t", Tiling(128, 128, 128, 8, 3, ring=2))])
-def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
+def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling, monkeypatch):
   """The kinds of H100 tiles shipped in tuned.json lower for a CUDA target (layouts, 227 KiB
-  of shared memory, clusters) without a GPU."""
+  of shared memory, clusters) without a GPU; so do the work-list kernels (Triton), told
+  they target an H100."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration  # noqa: PLC0415
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                      lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
   s = jax.ShapeDtypeStruct
   m, k, n, g = 32768, 2048, 8192, 32
   if op == "tgmm":
@@ -278,7 +282,10 @@ def test_lowers_to_mosaic_gpu_at_bench_shapes(op, tiling):
     args = (s((m, k), jnp.bfloat16),
             s((g, n, k) if op == "gmm_t" else (g, k, n), jnp.bfloat16))
   lowered = jax.jit(fn).trace(*args, s((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
-  assert "@mosaic_gpu" in lowered.as_text()
+  text = lowered.as_text()
+  assert "@mosaic_gpu" in text
+  assert ("openmoe_gmm_tile_list" in text) == (op != "tgmm")
+  assert ("openmoe_tgmm_row_tiles" in text) == (op == "tgmm")
 
 
 def test_auto_prefers_mgpu_on_hopper_where_a_tile_was_measured(monkeypatch, tmp_path):

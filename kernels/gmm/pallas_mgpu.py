@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from openmoe_jax.kernels.gmm import tile_list
 from openmoe_jax.kernels.gmm.tiling import Tiling
 
 DEFAULT_TILING = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, group_m=8)
@@ -294,7 +295,10 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   out_dtype = out_dtype or lhs_XK.dtype
   m_pad = max(t.tm, -(-m // ROW_ALIGN) * ROW_ALIGN)
   lhs = lhs_XK if m_pad == m else jnp.pad(lhs_XK, ((0, m_pad - m), (0, 0)))
-  tiles = group_aligned_tiles(group_sizes_G, m_pad, t.tm)
+  if interpret:
+    tiles = group_aligned_tiles(group_sizes_G, m_pad, t.tm)
+  else:  # the same list in one kernel launch instead of several small XLA kernels
+    tiles = TileList(*tile_list.group_aligned_tiles(group_sizes_G, m_pad, t.tm))
   call = _gmm_call
   if t.ring:
     from openmoe_jax.kernels.gmm import pallas_mgpu_ring  # noqa: PLC0415 - imports us
@@ -413,7 +417,10 @@ def tgmm(lhs_XK, rhs_MN, group_sizes_G, *, row_index_M=None, out_dtype=None,
   if pad:  # row tiles are tm-aligned and must stay inside the arrays
     lhs_XK = jnp.pad(lhs_XK, ((0, pad), (0, 0)))
     rhs_MN = jnp.pad(rhs_MN, ((0, pad), (0, 0)))
-  rows = group_row_tiles(group_sizes_G, m, t.tm)
+  if interpret:
+    rows = group_row_tiles(group_sizes_G, m, t.tm)
+  else:  # one kernel launch instead of several small XLA kernels
+    rows = GroupRowTiles(*tile_list.group_row_tiles(group_sizes_G, m, t.tm))
   call = _tgmm_call
   if t.ring:
     from openmoe_jax.kernels.gmm import pallas_mgpu_ring_tgmm  # noqa: PLC0415 - imports us
