@@ -17,7 +17,8 @@ end at M; its store writes only the group's rows, through a ladder of power-of-t
 stores. Rows past sum(group_sizes) form a tail group whose tiles store zeros.
 tgmm: a work item is one (group, K tile, N tile) output block, reducing over the group's
 row tiles (aligned to `tm`); the first and last tiles zero the other groups' rows in
-shared memory before the wgmma.
+shared memory before the wgmma. On the GPU both work lists come from one small Triton
+launch each (`tile_list`), not from a chain of tiny XLA kernels.
 
 No fused row gather (Hopper's TMA cannot gather rows) and no exact float32 (wgmma rounds
 to tf32): `ops` routes those calls to the Triton-lowered kernel. `interpret=True` runs the
