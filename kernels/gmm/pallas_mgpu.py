@@ -41,7 +41,7 @@ from openmoe_jax.kernels.gmm.tiling import Tiling
 DEFAULT_TILING = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, group_m=8)
 DEFAULT_TGMM_TILING = Tiling(tm=64, tn=256, tk=128, num_warps=8, num_stages=3, group_m=8)
 _MEMORY_REGISTERS = 40
-ROW_ALIGN = 8  # row starts of TMA tile loads are multiples of the 8-row smem tiling
+ROW_ALIGN = tile_list.ROW_ALIGN  # row starts of TMA tile loads: multiples of the 8-row smem tiling
 
 
 def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> str | None:
@@ -273,8 +273,8 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
         rhs_g = rhs_gmem.at[jnp.minimum(grp, g - 1)]
         rhs_view = (rhs_g.at[pl.ds(ni * tn, tn), :] if transpose_rhs
                     else rhs_g.at[:, pl.ds(ni * tn, tn)])
-        pipeline(mma, _accumulating((tm, tn_wg), epilogue), state)(lhs_gmem.at[pl.ds(row0, tm), :], rhs_view,
-                                      allocations=allocs)
+        pipeline(mma, _accumulating((tm, tn_wg), epilogue), state)(
+            lhs_gmem.at[pl.ds(row0, tm), :], rhs_view, allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

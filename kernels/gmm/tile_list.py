@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-ROW_ALIGN = 8   # pallas_mgpu.ROW_ALIGN: TMA row loads start on the 8-row smem tiling
+ROW_ALIGN = 8   # (pallas_mgpu.ROW_ALIGN) TMA row loads start on the 8-row smem tiling
 _BLOCK = 128    # items written per loop step
 
 
