@@ -160,7 +160,8 @@ class ModelConfig:
   moe: MoeConfig | None = None  # None = dense FFN in every layer
   attention: str = "dense"  # "dense" | "switchhead" | "umoe"
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS: XLA einsums | cuDNN fused (GPU only) |
-  #   Pallas flash kernel (openmoe_jax.flash_attention); same masks and results
+  #   Pallas flash kernel (openmoe_jax.flash_attention); same masks and results. On the GPU,
+  #   cuDNN's backward is not bitwise reproducible run to run; xla and pallas are
   attention_mask: str = "packed"  # "packed": segments (packed examples) and bidirectional
   #   prefixes from the batch, as UL2 needs | "causal": each row is one causal stream, the
   #   batch's segments, prefixes and positions are ignored by attention (MoEUT's contiguous-
