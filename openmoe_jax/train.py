@@ -102,15 +102,9 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
         mesh: MeshConfig = MeshConfig(), dry_run: bool = False,
         progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) a model in `workdir`; returns final train/eval metrics."""
-  from openmoe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   host, hosts = jax.process_index(), jax.process_count()
-  train_it = pipeline.make_iterator(data, "train", train.batch_size // hosts, train.seq_len,
-                                    data.seed, shard_index=host, num_shards=hosts)
-  data_vocab_size = pipeline.vocab_size(data)
-  if model.vocab_size and model.vocab_size < data_vocab_size:
-    raise ValueError(f"ModelConfig.vocab_size={model.vocab_size} is smaller than the "
-                     f"vocabulary's {data_vocab_size} ids")
-  model = dataclasses.replace(model, vocab_size=model.vocab_size or data_vocab_size)
+  # Checks of the configs alone come first: they fail in seconds, before the data pipeline
+  # (TensorFlow, seqio, the vocabulary) is built.
   if train.batch_size % (optim.grad_accum_steps * hosts):
     raise ValueError(f"TrainConfig.batch_size={train.batch_size} not divisible by "
                      f"grad_accum_steps * hosts = {optim.grad_accum_steps * hosts}")
@@ -125,6 +119,14 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     raise ValueError("ModelConfig.attention_mask='causal' ignores the bidirectional prefixes "
                      "that the UL2 objective (DataConfig.ul2=True) trains with; use 'packed', "
                      "or DataConfig.ul2=False")
+  from openmoe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  train_it = pipeline.make_iterator(data, "train", train.batch_size // hosts, train.seq_len,
+                                    data.seed, shard_index=host, num_shards=hosts)
+  data_vocab_size = pipeline.vocab_size(data)
+  if model.vocab_size and model.vocab_size < data_vocab_size:
+    raise ValueError(f"ModelConfig.vocab_size={model.vocab_size} is smaller than the "
+                     f"vocabulary's {data_vocab_size} ids")
+  model = dataclasses.replace(model, vocab_size=model.vocab_size or data_vocab_size)
   setup = ts.make_setup(model, optim, train.steps, train.seed, device_mesh, rules)
   config = resolved_config(model, data, optim, train, mesh)
   if dry_run:

@@ -36,3 +36,23 @@ def test_sampled_fwd_err_sees_wrong_rows_and_tail():
   assert bench.sampled_fwd_err(y, x, w, gs) < 1e-2
   assert bench.sampled_fwd_err(y.at[20].add(3.0), x, w, gs) > 5e-2  # a row of group 2
   assert bench.sampled_fwd_err(y.at[39].set(1.0), x, w, gs) > 1e-2  # a tail row
+
+
+def test_dense_baseline_times_equal_operands_at_distinct_addresses(monkeypatch):
+  """The dense baseline is the best over copies of its operands placed elsewhere in device
+  memory: every placement sees the same values, at addresses no other placement used."""
+  monkeypatch.setattr(bench, "time_call", lambda fn, *args, budget_s=0.4: fn(*args))
+  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (8, 4), jnp.float32)
+  seen = []
+
+  def fake_timing(a, b):  # "time" = the placement's index, so the best is the first one
+    seen.append((a.unsafe_buffer_pointer(), b.unsafe_buffer_pointer()))
+    np.testing.assert_array_equal(a, x)
+    np.testing.assert_array_equal(b, w)
+    return 1.0 + len(seen)
+
+  best = bench.dense_baseline({"fwd": fake_timing}, {"fwd": (x, w)}, placements=3)
+  assert best == {"fwd": 2.0}
+  assert len(seen) == 3 and len(set(seen)) == 3
+  assert len({p for pair in seen for p in pair}) == 6
