@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
 import sys
 import time
 import traceback
@@ -277,7 +278,29 @@ def bench_shape(shape, backends, key, args) -> list[tuple]:
   after = dense_baseline(dense, dense_args)
   for p in dense:
     base[p] = min(base[p], after[p])
+  state = gpu_state()
+  if state:  # the board's clock falls under its power limit: say where it stood
+    print(f"  gpu after this shape: {state}", flush=True)
   return [(shape, flops, base, rows)]
+
+
+_SMI_QUERY = "clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit"
+
+
+def gpu_state(smi_output: str | None = None) -> str:
+  """'SM clock / max, temperature, power / limit' of GPU 0 from nvidia-smi ('' without it)."""
+  if smi_output is None:
+    try:
+      smi_output = subprocess.run(
+          ["nvidia-smi", f"--query-gpu={_SMI_QUERY}", "--format=csv,noheader,nounits"],
+          capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  fields = [f.strip() for f in smi_output.strip().splitlines()[0].split(",")] if smi_output.strip() else []
+  if len(fields) != 5:
+    return ""
+  clock, max_clock, temp, power, limit = fields
+  return f"SM clock {clock}/{max_clock} MHz, {temp} C, {power}/{limit} W"
 
 
 def dense_baseline(dense: dict, dense_args: dict, placements: int = DENSE_PLACEMENTS) -> dict:

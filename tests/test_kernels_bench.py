@@ -56,3 +56,9 @@ def test_dense_baseline_times_equal_operands_at_distinct_addresses(monkeypatch):
   assert best == {"fwd": 2.0}
   assert len(seen) == 3 and len(set(seen)) == 3
   assert len({p for pair in seen for p in pair}) == 6
+
+
+def test_gpu_state_reads_nvidia_smi_csv():
+  assert (bench.gpu_state("1455, 1980, 59, 666.13, 700.00\n") ==
+          "SM clock 1455/1980 MHz, 59 C, 666.13/700.00 W")
+  assert bench.gpu_state("") == "" and bench.gpu_state("garbled\n") == ""
