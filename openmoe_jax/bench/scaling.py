@@ -3,6 +3,7 @@
     python -m openmoe_jax.bench.scaling [--devices 1,2] [--batch_per_device 16 --seq 1024]
         [--d_model 1024 --layers 4 --experts 16 --top_k 2 --d_expert 2048]
         [--dispatch shard_map] [--exchange auto] [--steps 6 --warmup 2] [--json FILE]
+        [--profile_dir DIR]
 
 For each device count n, the real `train_step` (sharded init, explicit shardings, donated state)
 runs on a mesh (data=1, fsdp=1, expert=n) with the "fsdp_expert" rules: each device holds E/n
@@ -11,6 +12,8 @@ all-to-all around the gmm kernel on GPU). Synthetic tokens, so only jax / flax /
 numpy are needed. Scaling efficiency = tokens/s(n) / (n * tokens/s(1)).
 Before timing, `--check` compares the expert-parallel MoE layer with the one-device result on
 small shapes (forward and gradients), so the collective's offsets are verified on the device.
+`--profile_dir` traces 3 more steps of each device count (in DIR/n<devices>) and prints where
+their device time goes, summed over the devices (`openmoe_jax.bench.profile_summary`).
 """
 from __future__ import annotations
 
@@ -81,6 +84,16 @@ def measure(a: argparse.Namespace, n: int) -> Row:
     state, metrics = step(state, batches[i % 2])
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
+  if a.profile_dir:
+    from openmoe_jax.bench import train_step as bench_step  # pylint: disable=import-outside-toplevel
+    where = f"{a.profile_dir}/n{n}"
+    jax.profiler.start_trace(where, create_perfetto_trace=True)
+    for i in range(3):
+      state, metrics = step(state, batches[i % 2])
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    print(f"profile of {n} device(s), 3 steps:", flush=True)
+    bench_step.print_profile(where)
   med = statistics.median(times)
   return Row(n, global_batch, a.seq, med * 1e3, global_batch * a.seq / med,
              float(metrics["loss"]))
@@ -150,6 +163,7 @@ def main() -> None:
   p.add_argument("--check", action="store_true")
   p.add_argument("--bandwidth", action="store_true", help="time psum / all_to_all first")
   p.add_argument("--json", default="")
+  p.add_argument("--profile_dir", default="", help="trace 3 more steps per device count")
   a = p.parse_args()
   counts = [int(c) for c in a.devices.split(",")]
   if max(counts) > jax.device_count():

@@ -179,7 +179,7 @@ def xla_memory_estimate(compiled: Any) -> int | None:
 
 # ----------------------------------------------------------------------------- the run
 
-def _print_profile(profile_dir: str) -> None:
+def print_profile(profile_dir: str) -> None:
   """The top kernels of the 3 profiled steps (best effort: a trace format change only warns)."""
   from openmoe_jax.bench import profile_summary  # pylint: disable=import-outside-toplevel
   try:
@@ -277,7 +277,7 @@ def run(preset: str, batch: int, seq: int, *, attention_impl: str | None = None,
       state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
-    _print_profile(profile_dir)
+    print_profile(profile_dir)
   steps_done = int(state["step"])
   del state, metrics
   platform = jax.devices()[0].platform
