@@ -10,6 +10,7 @@ import dataclasses
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 ROUTERS = ("topk_softmax", "sigma", "expert_choice")
 DISPATCHES = ("einsum", "ragged", "gmm", "shard_map")  # shard_map: openmoe_jax.expert_parallel
+EXCHANGES = ("auto", "dense", "ragged")  # expert all-to-all of dispatch="shard_map"
 REMATS = ("none", "dots", "full")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")  # see attention.dot_product_attention
 DTYPES = ("float32", "bfloat16", "float16")
@@ -53,6 +54,9 @@ class MoeConfig:
   layer_offset: int = 0  # layer i is MoE iff i % layer_period == layer_offset
   dispatch: str = "einsum"  # one of DISPATCHES: one-hot einsum (capacity), ragged_dot, gmm kernel
   gmm_backend: str = "auto"  # kernel backend for dispatch="gmm" (see openmoe_jax.kernels.gmm)
+  exchange: str = "auto"  # dispatch="shard_map": one of EXCHANGES (openmoe_jax.expert_parallel)
+  exchange_slack: float = 1.25  # its buffers: this x the balanced share of rows per device pair
+  #   while every pair fits (else worst case, same result); <= 0: always the worst case
   activation: str = "swiglu"  # expert FFN activation, one of ACTIVATIONS
   expert_dropout: float = 0.0  # MoEUT expert dropout on the router selection (training only)
   router_dtype: str = "float32"  # operands of the router matmul (logits accumulate in float32):
@@ -65,6 +69,7 @@ class MoeConfig:
     _positive("MoeConfig.d_expert", self.d_expert, allow_zero=True)
     _choice("MoeConfig.router", self.router, ROUTERS)
     _choice("MoeConfig.dispatch", self.dispatch, DISPATCHES)
+    _choice("MoeConfig.exchange", self.exchange, EXCHANGES)
     _choice("MoeConfig.activation", self.activation, ACTIVATIONS)
     _choice("MoeConfig.router_dtype", self.router_dtype, ("float32", "bfloat16"))
     _positive("MoeConfig.layer_period", self.layer_period)

@@ -12,8 +12,10 @@ slice of the batch (the rule for `axes.BATCH`, which includes the expert axis). 
      through the expert FFN with `kernels.gmm` (rows past the groups cost nothing and give 0);
   4. the outputs travel back the same way and are combined with the router weights.
 
-Dropless by construction: every kept assignment is processed (buffers are sized for the worst
-case, all M rows to one device). With a capacity the router's `kept` flags are honoured, so
+Dropless by construction: every kept assignment is processed. The exchange buffers hold
+`slack` x the balanced share (M / n rows per source and destination) while every pair fits,
+which all devices know from the all-gathered counts; else one `lax.cond` branch with
+worst-case buffers (all M rows to one device) runs instead. With a capacity the router's `kept` flags are honoured, so
 this computes exactly what the "einsum" / "ragged" / "gmm" dispatches compute. Without an
 active mesh (`sharding.activate`) or with one expert shard it runs the same code locally.
 Shape letters: M assignments on this device, R rows received (n * M), J = n * E_local
@@ -32,9 +34,8 @@ from jax.sharding import PartitionSpec as P
 from openmoe_jax import axes as ax
 from openmoe_jax import layers
 from openmoe_jax import sharding
+from openmoe_jax.config import EXCHANGES
 from openmoe_jax.kernels import gmm as gmm_lib
-
-EXCHANGES = ("auto", "dense", "ragged")
 
 
 def resolve_exchange(exchange: str) -> str:
@@ -85,24 +86,39 @@ def expert_ffn(x_RD: jax.Array, local_R: jax.Array, weights: tuple[jax.Array, ..
   return out_RD[jnp.argsort(order_R)]
 
 
-def _dense_exchange(x_sorted_MD, dest_M, pos_M, send_n, counts_nE, me, n, ffn, axis):
+def exchange_capacity(m: int, n: int, slack: float) -> int:
+  """Rows each (source, destination) pair's exchange buffer holds on the fast path: `slack`
+  times the balanced share m / n, rounded up to 8 rows; m (the worst case) when slack <= 0."""
+  if slack <= 0 or n <= 1:
+    return m
+  return min(m, -(-math.ceil(slack * m / n) // 8) * 8)
+
+
+def _dense_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
+  """Each destination's rows in a [cap, D] slot block of one dense all_to_all (cap >= every
+  pair's row count), and the results back the same way."""
   m, d = x_sorted_MD.shape
   e_local = counts_nE.shape[1] // n
   start_n = _exclusive_cumsum(send_n)
-  slot_nM = jnp.arange(m, dtype=jnp.int32)[None, :]
-  rows_nM = jnp.clip(start_n[:, None] + slot_nM, 0, m - 1)
-  send_nMD = jnp.where((slot_nM < send_n[:, None])[..., None], x_sorted_MD[rows_nM], 0)
-  recv_RD = jax.lax.all_to_all(send_nMD.reshape(n * m, d), axis, 0, 0, tiled=True)
+  slot_nC = jnp.arange(cap, dtype=jnp.int32)[None, :]
+  rows_nC = jnp.clip(start_n[:, None] + slot_nC, 0, m - 1)
+  send_nCD = jnp.where((slot_nC < send_n[:, None])[..., None], x_sorted_MD[rows_nC], 0)
+  recv_RD = jax.lax.all_to_all(send_nCD.reshape(n * cap, d), axis, 0, 0, tiled=True)
   mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
-  starts_J = (jnp.arange(n, dtype=jnp.int32)[:, None] * m + _exclusive_cumsum(mine_nE, 1))
-  y_RD = ffn(recv_RD, _label_rows(n * m, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
+  starts_J = (jnp.arange(n, dtype=jnp.int32)[:, None] * cap + _exclusive_cumsum(mine_nE, 1))
+  y_RD = ffn(recv_RD, _label_rows(n * cap, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
   back_RD = jax.lax.all_to_all(y_RD, axis, 0, 0, tiled=True)
-  kept_M = dest_M < n
-  rows_M = jnp.clip(jnp.where(kept_M, dest_M, 0) * m + pos_M, 0, n * m - 1)
-  return jnp.where(kept_M[:, None], back_RD[rows_M], 0)
+  # Sorted row i went to destination dest(i) at slot i - start_n[dest(i)]; dropped rows (the
+  # sentinel expert, sorted last) lie past sum(send_n) and get zeros.
+  rows_M = jnp.arange(m, dtype=jnp.int32)
+  dest_M = jnp.clip(jnp.searchsorted(start_n, rows_M, side="right") - 1, 0, n - 1)
+  kept_M = rows_M < jnp.sum(send_n)
+  back_M = jnp.clip(dest_M * cap + rows_M - start_n[dest_M], 0, n * cap - 1)
+  return jnp.where(kept_M[:, None], back_RD[back_M], 0)
 
 
-def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
+def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
+  """Only the real rows move (ragged all-to-all), into an [n * cap, D] receive buffer."""
   m, d = x_sorted_MD.shape
   e_local = counts_nE.shape[1] // n
   start_n = _exclusive_cumsum(send_n)
@@ -110,12 +126,12 @@ def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
   recv_n = sizes_nn[:, me]
   recv_start_n = _exclusive_cumsum(recv_n)
   out_start_n = _exclusive_cumsum(sizes_nn, 0)[me]  # where my rows land on each destination
-  buf_RD = jnp.zeros((n * m, d), x_sorted_MD.dtype)
+  buf_RD = jnp.zeros((n * cap, d), x_sorted_MD.dtype)
   recv_RD = _ragged_all_to_all(x_sorted_MD, buf_RD, start_n, send_n, out_start_n, recv_n,
                                axis_name=axis)
   mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
   starts_J = recv_start_n[:, None] + _exclusive_cumsum(mine_nE, 1)
-  y_RD = ffn(recv_RD, _label_rows(n * m, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
+  y_RD = ffn(recv_RD, _label_rows(n * cap, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
   # Back: my block from source s returns to s at the offset s sent it from.
   back_start_n = _exclusive_cumsum(sizes_nn, 1)[:, me]
   out_MD = jnp.zeros((m, d), y_RD.dtype)
@@ -124,7 +140,8 @@ def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis):
 
 
 def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: str | None,
-                n: int, exchange: str, activation: str, gmm_backend: str) -> jax.Array:
+                n: int, exchange: str, activation: str, gmm_backend: str,
+                slack: float = 0.0) -> jax.Array:
   """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32."""
   g, s, d = x_GSD.shape
   e_local = weights[0].shape[0]
@@ -146,14 +163,17 @@ def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: 
     me = jax.lax.axis_index(axis)
     counts_nE = jax.lax.all_gather(counts_E, axis)  # [source, expert]: tiny
     send_n = counts_E.reshape(n, e_local).sum(-1)
-    if exchange == "ragged":
-      y_sorted_MD = _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis)
+    exchange_fn = _ragged_exchange if exchange == "ragged" else _dense_exchange
+    run = functools.partial(exchange_fn, x_sorted_MD, send_n, counts_nE, me, n, ffn, axis)
+    m = x_sorted_MD.shape[0]
+    cap = exchange_capacity(m, n, slack)
+    if cap >= m:
+      y_sorted_MD = run(m)
     else:
-      dest_M = sorted_expert_M // e_local  # n for the sentinel
-      pos_M = (jnp.arange(order_M.shape[0], dtype=jnp.int32)
-               - _exclusive_cumsum(send_n)[jnp.minimum(dest_M, n - 1)])
-      y_sorted_MD = _dense_exchange(x_sorted_MD, dest_M, pos_M, send_n, counts_nE, me, n, ffn,
-                                    axis)
+      # Every device sees the same counts, so all take the same branch: buffers of cap rows
+      # per (source, destination) pair when every pair fits, else the worst case (m rows).
+      fits = jnp.max(counts_nE.reshape(n, n, e_local).sum(-1)) <= cap
+      y_sorted_MD = jax.lax.cond(fits, lambda: run(cap), lambda: run(m))
   y_MD = y_sorted_MD[jnp.argsort(order_M)].astype(jnp.float32) * weight_M[:, None]
   y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(jnp.where(kept_M[:, None], y_MD, 0))
   return y_TD.reshape(g, s, d)
@@ -162,11 +182,13 @@ def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: 
 def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA: jax.Array,
             weight_GA: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array | None,
             w_out_EFD: jax.Array, *, activation: str, gmm_backend: str = "auto",
-            exchange: str = "auto") -> jax.Array:
+            exchange: str = "auto", slack: float = 1.25) -> jax.Array:
   """Routed experts' output y_GSD (float32), expert-parallel over the active mesh.
 
   Routing arrays are [G, A] (`router.Routing` fields; `weight_GA` = combine weights). Groups G
-  are split over the batch mesh axes, experts over the expert axis.
+  are split over the batch mesh axes, experts over the expert axis. `slack`: the exchange
+  buffers hold `slack` times the balanced share of rows per (source, destination) pair while
+  every pair fits, else the worst case (`exchange_capacity`); <= 0 always the worst case.
   """
   weights = (w_gate_EDF, w_out_EFD) if w_up_EDF is None else (w_gate_EDF, w_up_EDF, w_out_EFD)
   e = w_gate_EDF.shape[0]
@@ -196,7 +218,7 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
                      f"shards of mesh {dict(mesh.shape)}; use a batch (or MoeConfig.group_size) "
                      "that splits evenly")
   run = functools.partial(_device_moe, axis=axis, n=n, exchange=resolve_exchange(exchange),
-                          activation=activation, gmm_backend=gmm_backend)
+                          activation=activation, gmm_backend=gmm_backend, slack=slack)
   tok = P(batch_axes or None)
   w = P(axis)
   # check_vma=False: Pallas gmm kernels declare outputs without varying-axis types. shard_map

@@ -277,7 +277,9 @@ class MoeFFN(nnx.Module):
       y_GSD = expert_parallel.moe_ffn(x_GSD, routing.token_GA, routing.expert_GA,
                                       routing.kept_GA, routing.gate_GA, w_gate, w_up, w_out,
                                       activation=self.moe.activation,
-                                      gmm_backend=self.moe.gmm_backend)
+                                      gmm_backend=self.moe.gmm_backend,
+                                      exchange=self.moe.exchange,
+                                      slack=self.moe.exchange_slack)
     else:
       raise ValueError(f"MoeConfig.dispatch={dispatch!r}; expected einsum, ragged or gmm")
     y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)

@@ -13,7 +13,7 @@ from openmoe_jax import expert_parallel as ep
 from openmoe_jax import layers
 from openmoe_jax import router as router_lib
 from openmoe_jax import sharding
-from openmoe_jax.config import MeshConfig
+from openmoe_jax.config import MeshConfig, MoeConfig
 
 G, S, D, F, E, K = 8, 6, 8, 12, 8, 2
 
@@ -68,12 +68,12 @@ def _loss_and_grads(fn, x, routing, w, gates):
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, gates, *w)
 
 
-def _sharded(mesh, rules, exchange):
+def _sharded(mesh, rules, exchange, slack=1.25):
   def fn(x, routing, w_gate, w_up, w_out, gates):
     with sharding.activate(mesh, rules):
       return ep.moe_ffn(x, routing.token_GA, routing.expert_GA, routing.kept_GA, gates, w_gate,
                         w_up, w_out, activation="swiglu", gmm_backend="reference",
-                        exchange=exchange)
+                        exchange=exchange, slack=slack)
   return fn
 
 
@@ -103,6 +103,45 @@ def test_shard_map_matches_reference(mesh_cfg, rules, exchange, monkeypatch):
                         gates)
   _assert_close(got, want)
   assert float(jnp.abs(want[1][2]).sum()) > 0  # the expert weights do get gradients
+
+
+def test_exchange_capacity():
+  assert ep.exchange_capacity(24, 4, 1.25) == 8      # ceil(7.5) -> 8 rows
+  assert ep.exchange_capacity(1000, 2, 1.25) == 632  # ceil(625) rounded up to 8
+  assert ep.exchange_capacity(24, 4, 0.0) == 24      # worst case
+  assert ep.exchange_capacity(24, 1, 1.25) == 24     # nothing to exchange
+  assert ep.exchange_capacity(24, 2, 4.0) == 24      # never above the worst case
+
+
+def _max_pair_rows(routing, shards: int, n: int) -> int:
+  """The largest number of kept rows one source device sends to one destination device."""
+  expert = np.asarray(routing.expert_GA).reshape(shards, -1)
+  kept = np.asarray(routing.kept_GA).reshape(shards, -1)
+  dest = expert // (E // n)
+  return max(int(np.sum(kept[s] & (dest[s] == d))) for s in range(shards) for d in range(n))
+
+
+@pytest.mark.parametrize("exchange", ["dense", "ragged"])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_small_exchange_buffers_and_their_fallback(exchange, skewed, monkeypatch):
+  """Buffers of slack x the balanced share when every device pair fits; when one pair does not
+  (all rows routed to the first device's experts), the worst-case branch gives the same result."""
+  if exchange == "ragged":
+    monkeypatch.setattr(ep, "_ragged_all_to_all", _emulated_ragged_all_to_all)
+  x, routing, w = _problem(seed=3)
+  if skewed:
+    routing = routing._replace(expert_GA=routing.expert_GA % 2)  # experts 0, 1: device 0
+  slack = 2.0
+  m, n = G * S * K // 4, 4  # assignments per device on a (data=1, expert=4) mesh
+  cap = ep.exchange_capacity(m, n, slack)
+  assert cap < m
+  assert (_max_pair_rows(routing, 4, n) > cap) == skewed  # which branch runs
+  gates = routing.gate_GA
+  want = _loss_and_grads(jax.jit(_reference), x, routing, w, gates)
+  mesh = sharding.make_mesh(MeshConfig(data=1, expert=4), jax.devices()[:4])
+  got = _loss_and_grads(jax.jit(_sharded(mesh, sharding.RULES["fsdp_expert"], exchange, slack)),
+                        x, routing, w, gates)
+  _assert_close(got, want)
 
 
 def test_capacity_drops_are_honoured_and_local_path_matches():
@@ -142,3 +181,5 @@ def test_errors_name_the_bad_values():
     fn(x[:6], jax.tree.map(lambda a: a[:6], routing), *w, routing.gate_GA[:6])
   with pytest.raises(ValueError, match="exchange='bogus'"):
     ep.resolve_exchange("bogus")
+  with pytest.raises(ValueError, match="MoeConfig.exchange"):
+    MoeConfig(num_experts=8, exchange="bogus")

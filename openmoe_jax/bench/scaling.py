@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openmoe_jax import distributed
 from openmoe_jax import expert_parallel as ep
 from openmoe_jax import router as router_lib
 from openmoe_jax import sharding
@@ -47,7 +48,7 @@ class Row:
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
   moe = MoeConfig(num_experts=a.experts, top_k=a.top_k, d_expert=a.d_expert, dispatch=a.dispatch,
-                  dropless=a.dispatch != "einsum", capacity_factor_train=1.25)
+                  exchange=a.exchange, exchange_slack=a.slack, dropless=a.dispatch != "einsum", capacity_factor_train=1.25)
   return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers,
                      n_heads=a.d_model // 128, d_ff=4 * a.d_model, max_seq_len=a.seq,
                      dtype="bfloat16", moe=moe)
@@ -99,7 +100,7 @@ def measure(a: argparse.Namespace, n: int) -> Row:
              float(metrics["loss"]))
 
 
-def check(n: int, exchange: str) -> float:
+def check(n: int, exchange: str, slack: float) -> float:
   """Max |EP - one device| over the MoE layer's output and gradients (small shapes, float32)."""
   g, s, d, f, e = 4 * n, 64, 128, 256, 4 * n
   ks = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -111,7 +112,7 @@ def check(n: int, exchange: str) -> float:
   mesh = sharding.make_mesh(MeshConfig(data=1, expert=n), jax.devices()[:n])
 
   def loss(x, *w, sharded):
-    fn = functools.partial(ep.moe_ffn, activation="swiglu", exchange=exchange)
+    fn = functools.partial(ep.moe_ffn, activation="swiglu", exchange=exchange, slack=slack)
     args = (x, routing.token_GA, routing.expert_GA, routing.kept_GA, routing.gate_GA, *w)
     if not sharded:
       return jnp.sum(fn(*args) ** 2)
@@ -145,7 +146,7 @@ def bandwidth(n: int, mbytes: int = 256) -> dict[str, float]:
   return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--devices", default="1,2")
   p.add_argument("--batch_per_device", type=int, default=16)
@@ -158,20 +159,23 @@ def main() -> None:
   p.add_argument("--d_expert", type=int, default=2048)
   p.add_argument("--dispatch", default="shard_map", choices=["shard_map", "einsum", "gmm"])
   p.add_argument("--exchange", default="auto", choices=list(ep.EXCHANGES))
+  p.add_argument("--slack", type=float, default=1.25,
+                 help="exchange buffers: x the balanced share while it fits; 0 = worst case")
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--check", action="store_true")
   p.add_argument("--bandwidth", action="store_true", help="time psum / all_to_all first")
   p.add_argument("--json", default="")
   p.add_argument("--profile_dir", default="", help="trace 3 more steps per device count")
-  a = p.parse_args()
+  a = p.parse_args(argv)
+  distributed.apply_default_xla_flags()  # before the first JAX call starts the backend
   counts = [int(c) for c in a.devices.split(",")]
   if max(counts) > jax.device_count():
     raise ValueError(f"--devices={a.devices}; only {jax.device_count()} devices here")
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; exchange "
         f"{ep.resolve_exchange(a.exchange)}; {model_config(a)}", flush=True)
   if a.check and max(counts) > 1:
-    print(f"check: max relative |EP - local| = {check(max(counts), a.exchange):.2e}", flush=True)
+    print(f"check: max relative |EP - local| = {check(max(counts), a.exchange, a.slack):.2e}", flush=True)
   if a.bandwidth and max(counts) > 1:
     print(f"link GB/s per device (256 MiB bf16): {bandwidth(max(counts))}", flush=True)
   rows = []

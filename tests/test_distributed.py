@@ -1,0 +1,29 @@
+"""`distributed`'s default XLA flags: added once, never over the user's own setting, and
+accepted by XLA (a process that starts a backend with them runs)."""
+import os
+import subprocess
+import sys
+
+from openmoe_jax import distributed
+
+FLAG = "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer"
+
+
+def test_default_flags_are_added_once_and_keep_the_users_value():
+  assert distributed.with_default_xla_flags("") == f"{FLAG}=true"
+  mine = "--xla_force_host_platform_device_count=8"
+  assert distributed.with_default_xla_flags(f" {mine} ") == f"{mine} {FLAG}=true"
+  off = f"{mine} {FLAG}=false"
+  assert distributed.with_default_xla_flags(off) == off
+  twice = distributed.with_default_xla_flags(distributed.with_default_xla_flags(mine))
+  assert twice.split().count(f"{FLAG}=true") == 1
+
+
+def test_a_process_with_the_default_flags_runs():
+  code = ("from openmoe_jax import distributed; distributed.apply_default_xla_flags(); "
+          "import os, jax.numpy as jnp; print(os.environ['XLA_FLAGS']); print(jnp.ones(3).sum())")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env={**env, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == [f"{FLAG}=true", "3.0"]
