@@ -29,6 +29,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from openmoe_jax import axes as ax
@@ -63,6 +64,36 @@ def _count(ids: jax.Array, length: int) -> jax.Array:
   return jnp.zeros((length,), jnp.int32).at[ids].add(1, mode="drop")
 
 
+@jax.custom_vjp
+def take_rows(x_ND: jax.Array, index_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
+  """y_MD = x_ND[index_M], zero where index_M is out of range (>= N), for an index that uses
+  each row of x at most once; `inverse_N[j]` is the i with index_M[i] == j (>= M if none).
+
+  Its gradient is the gather dy[inverse_N] (zero rows where x was not used), not the
+  scatter-add that differentiating a gather gives: XLA cannot know the index is injective, so
+  that scatter is atomic and one of the costliest passes of the expert-parallel step."""
+  return jnp.take(x_ND, index_M, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_ND, index_M, inverse_N):
+  return take_rows(x_ND, index_M, inverse_N), (index_M, inverse_N)
+
+
+def _take_rows_bwd(res, dy_MD):
+  index_M, inverse_N = res
+  zero = np.zeros((), jax.dtypes.float0)
+  return (jnp.take(dy_MD, inverse_N, axis=0, mode="fill", fill_value=0),
+          np.broadcast_to(zero, index_M.shape), np.broadcast_to(zero, inverse_N.shape))
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _inverse_permutation(order_R: jax.Array) -> jax.Array:
+  return jnp.zeros_like(order_R).at[order_R].set(
+      jnp.arange(order_R.shape[0], dtype=order_R.dtype), unique_indices=True)
+
+
 def _label_rows(num_rows: int, starts_J: jax.Array, sizes_J: jax.Array, e_local: int) -> jax.Array:
   """Local expert of each received row (segments ordered source-major); e_local for padding."""
   rows_R = jnp.arange(num_rows, dtype=jnp.int32)
@@ -77,13 +108,16 @@ def expert_ffn(x_RD: jax.Array, local_R: jax.Array, weights: tuple[jax.Array, ..
   w_gate_EDF, w_out_EFD = weights[0], weights[-1]
   w_up_EDF = weights[1] if len(weights) == 3 else None
   e_local = w_gate_EDF.shape[0]
-  order_R = jnp.argsort(local_R, stable=True)  # padding rows (sentinel) last
+  order_R = jnp.argsort(local_R, stable=True).astype(jnp.int32)  # padding (sentinel) last
+  inverse_R = _inverse_permutation(order_R)
   sizes_E = _count(local_R, e_local)
+  # row_positions: each row is read once, so the lhs gradient is a gather, not a scatter-add.
   mm = functools.partial(gmm_lib.gmm, group_sizes_G=sizes_E, backend=gmm_backend)
-  gate_RF = mm(x_RD, w_gate_EDF, row_index=order_R)
-  up_RF = None if w_up_EDF is None else mm(x_RD, w_up_EDF, row_index=order_R)
+  rows = dict(row_index=order_R, row_positions=inverse_R[:, None])
+  gate_RF = mm(x_RD, w_gate_EDF, **rows)
+  up_RF = None if w_up_EDF is None else mm(x_RD, w_up_EDF, **rows)
   out_RD = mm(layers.activate(activation, gate_RF, up_RF), w_out_EFD)
-  return out_RD[jnp.argsort(order_R)]
+  return take_rows(out_RD, inverse_R, order_R)
 
 
 def exchange_capacity(m: int, n: int, slack: float) -> int:
@@ -101,20 +135,21 @@ def _dense_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
   e_local = counts_nE.shape[1] // n
   start_n = _exclusive_cumsum(send_n)
   slot_nC = jnp.arange(cap, dtype=jnp.int32)[None, :]
-  rows_nC = jnp.clip(start_n[:, None] + slot_nC, 0, m - 1)
-  send_nCD = jnp.where((slot_nC < send_n[:, None])[..., None], x_sorted_MD[rows_nC], 0)
-  recv_RD = jax.lax.all_to_all(send_nCD.reshape(n * cap, d), axis, 0, 0, tiled=True)
+  # Sorted row i goes to destination dest(i), slot i - start_n[dest(i)]; rows past
+  # sum(send_n) (dropped: the sentinel expert, sorted last) go nowhere. Both maps are
+  # injective and each other's inverse, so both directions move rows with gathers only.
+  slot_rows_R = jnp.where(slot_nC < send_n[:, None], start_n[:, None] + slot_nC, m).reshape(-1)
+  rows_M = jnp.arange(m, dtype=jnp.int32)
+  dest_M = jnp.clip(jnp.searchsorted(start_n, rows_M, side="right") - 1, 0, n - 1)
+  row_slots_M = jnp.where(rows_M < jnp.sum(send_n), dest_M * cap + rows_M - start_n[dest_M],
+                          n * cap)
+  send_RD = take_rows(x_sorted_MD, slot_rows_R, row_slots_M)
+  recv_RD = jax.lax.all_to_all(send_RD, axis, 0, 0, tiled=True)
   mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
   starts_J = (jnp.arange(n, dtype=jnp.int32)[:, None] * cap + _exclusive_cumsum(mine_nE, 1))
   y_RD = ffn(recv_RD, _label_rows(n * cap, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
   back_RD = jax.lax.all_to_all(y_RD, axis, 0, 0, tiled=True)
-  # Sorted row i went to destination dest(i) at slot i - start_n[dest(i)]; dropped rows (the
-  # sentinel expert, sorted last) lie past sum(send_n) and get zeros.
-  rows_M = jnp.arange(m, dtype=jnp.int32)
-  dest_M = jnp.clip(jnp.searchsorted(start_n, rows_M, side="right") - 1, 0, n - 1)
-  kept_M = rows_M < jnp.sum(send_n)
-  back_M = jnp.clip(dest_M * cap + rows_M - start_n[dest_M], 0, n * cap - 1)
-  return jnp.where(kept_M[:, None], back_RD[back_M], 0)
+  return take_rows(back_RD, row_slots_M, slot_rows_R)
 
 
 def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):

@@ -105,6 +105,23 @@ def test_shard_map_matches_reference(mesh_cfg, rules, exchange, monkeypatch):
   assert float(jnp.abs(want[1][2]).sum()) > 0  # the expert weights do get gradients
 
 
+def test_take_rows_matches_a_gather_in_value_and_gradient():
+  """An injective index with out-of-range entries (zero rows) and unused source rows."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  index = jnp.array([4, 6, 0, 2, 9, 5], jnp.int32)  # 6 and 9: out of range; rows 1, 3 unused
+  inverse = jnp.full((6,), 6, jnp.int32).at[jnp.array([4, 0, 2, 5])].set(jnp.array([0, 2, 3, 5]))
+  cot = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+
+  def plain(x):
+    return jnp.where((index < 6)[:, None], x[jnp.clip(index, 0, 5)], 0.0)
+
+  want, want_vjp = jax.vjp(plain, x)
+  got, got_vjp = jax.vjp(lambda x: ep.take_rows(x, index, inverse), x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cot)[0], want_vjp(cot)[0])
+  assert not np.any(np.asarray(got_vjp(cot)[0])[[1, 3]])
+
+
 def test_exchange_capacity():
   assert ep.exchange_capacity(24, 4, 1.25) == 8      # ceil(7.5) -> 8 rows
   assert ep.exchange_capacity(1000, 2, 1.25) == 632  # ceil(625) rounded up to 8
