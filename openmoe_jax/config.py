@@ -57,6 +57,7 @@ class MoeConfig:
   exchange: str = "auto"  # dispatch="shard_map": one of EXCHANGES (openmoe_jax.expert_parallel)
   exchange_slack: float = 1.25  # its buffers: this x the balanced share of rows per device pair
   #   while every pair fits (else worst case, same result); <= 0: always the worst case
+  exchange_chunks: int = 1  # each device's groups in this many pieces, so exchanges overlap
   activation: str = "swiglu"  # expert FFN activation, one of ACTIVATIONS
   expert_dropout: float = 0.0  # MoEUT expert dropout on the router selection (training only)
   router_dtype: str = "float32"  # operands of the router matmul (logits accumulate in float32):
@@ -70,6 +71,7 @@ class MoeConfig:
     _choice("MoeConfig.router", self.router, ROUTERS)
     _choice("MoeConfig.dispatch", self.dispatch, DISPATCHES)
     _choice("MoeConfig.exchange", self.exchange, EXCHANGES)
+    _positive("MoeConfig.exchange_chunks", self.exchange_chunks)
     _choice("MoeConfig.activation", self.activation, ACTIVATIONS)
     _choice("MoeConfig.router_dtype", self.router_dtype, ("float32", "bfloat16"))
     _positive("MoeConfig.layer_period", self.layer_period)

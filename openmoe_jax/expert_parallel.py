@@ -174,9 +174,24 @@ def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
                             axis_name=axis)
 
 
-def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: str | None,
-                n: int, exchange: str, activation: str, gmm_backend: str,
-                slack: float = 0.0) -> jax.Array:
+def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, chunks: int = 1,
+                **kw) -> jax.Array:
+  """One device's share, its routing groups in `chunks` independent pieces (each its own
+  sort, exchange and expert FFN), so XLA can overlap one piece's all-to-all with another's
+  matmuls."""
+  g = x_GSD.shape[0]
+  if chunks <= 1:
+    return _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, **kw)
+  if g % chunks:
+    raise ValueError(f"MoeConfig.exchange_chunks={chunks} does not divide the {g} routing "
+                     "groups on each device")
+  parts = [jnp.split(a, chunks) for a in (x_GSD, token_GA, expert_GA, kept_GA, weight_GA)]
+  return jnp.concatenate([_device_moe_chunk(*piece, *weights, **kw) for piece in zip(*parts)])
+
+
+def _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights,
+                      axis: str | None, n: int, exchange: str, activation: str,
+                      gmm_backend: str, slack: float = 0.0) -> jax.Array:
   """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32."""
   g, s, d = x_GSD.shape
   e_local = weights[0].shape[0]
@@ -209,7 +224,9 @@ def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: 
       # per (source, destination) pair when every pair fits, else the worst case (m rows).
       fits = jnp.max(counts_nE.reshape(n, n, e_local).sum(-1)) <= cap
       y_sorted_MD = jax.lax.cond(fits, lambda: run(cap), lambda: run(m))
-  y_MD = y_sorted_MD[jnp.argsort(order_M)].astype(jnp.float32) * weight_M[:, None]
+  order_M = order_M.astype(jnp.int32)
+  y_MD = take_rows(y_sorted_MD, _inverse_permutation(order_M), order_M)
+  y_MD = y_MD.astype(jnp.float32) * weight_M[:, None]
   y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(jnp.where(kept_M[:, None], y_MD, 0))
   return y_TD.reshape(g, s, d)
 
@@ -217,13 +234,14 @@ def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, axis: 
 def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA: jax.Array,
             weight_GA: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array | None,
             w_out_EFD: jax.Array, *, activation: str, gmm_backend: str = "auto",
-            exchange: str = "auto", slack: float = 1.25) -> jax.Array:
+            exchange: str = "auto", slack: float = 1.25, chunks: int = 1) -> jax.Array:
   """Routed experts' output y_GSD (float32), expert-parallel over the active mesh.
 
   Routing arrays are [G, A] (`router.Routing` fields; `weight_GA` = combine weights). Groups G
   are split over the batch mesh axes, experts over the expert axis. `slack`: the exchange
   buffers hold `slack` times the balanced share of rows per (source, destination) pair while
   every pair fits, else the worst case (`exchange_capacity`); <= 0 always the worst case.
+  `chunks`: each device's groups in that many independent pieces (see `_device_moe`).
   """
   weights = (w_gate_EDF, w_out_EFD) if w_up_EDF is None else (w_gate_EDF, w_up_EDF, w_out_EFD)
   e = w_gate_EDF.shape[0]
@@ -231,7 +249,7 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
   run: Callable[..., jax.Array]
   if mesh is None:
     run = functools.partial(_device_moe, axis=None, n=1, exchange="dense",
-                            activation=activation, gmm_backend=gmm_backend)
+                            activation=activation, gmm_backend=gmm_backend, chunks=chunks)
     return run(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
   expert_axes = sharding.mesh_axes_for(ax.EXPERT)
   batch_axes = sharding.mesh_axes_for(ax.BATCH)
@@ -253,7 +271,8 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
                      f"shards of mesh {dict(mesh.shape)}; use a batch (or MoeConfig.group_size) "
                      "that splits evenly")
   run = functools.partial(_device_moe, axis=axis, n=n, exchange=resolve_exchange(exchange),
-                          activation=activation, gmm_backend=gmm_backend, slack=slack)
+                          activation=activation, gmm_backend=gmm_backend, slack=slack,
+                          chunks=chunks)
   tok = P(batch_axes or None)
   w = P(axis)
   # check_vma=False: Pallas gmm kernels declare outputs without varying-axis types. shard_map

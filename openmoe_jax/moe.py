@@ -279,7 +279,8 @@ class MoeFFN(nnx.Module):
                                       activation=self.moe.activation,
                                       gmm_backend=self.moe.gmm_backend,
                                       exchange=self.moe.exchange,
-                                      slack=self.moe.exchange_slack)
+                                      slack=self.moe.exchange_slack,
+                                      chunks=self.moe.exchange_chunks)
     else:
       raise ValueError(f"MoeConfig.dispatch={dispatch!r}; expected einsum, ragged or gmm")
     y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)

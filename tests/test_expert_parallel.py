@@ -68,12 +68,12 @@ def _loss_and_grads(fn, x, routing, w, gates):
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, gates, *w)
 
 
-def _sharded(mesh, rules, exchange, slack=1.25):
+def _sharded(mesh, rules, exchange, slack=1.25, chunks=1):
   def fn(x, routing, w_gate, w_up, w_out, gates):
     with sharding.activate(mesh, rules):
       return ep.moe_ffn(x, routing.token_GA, routing.expert_GA, routing.kept_GA, gates, w_gate,
                         w_up, w_out, activation="swiglu", gmm_backend="reference",
-                        exchange=exchange, slack=slack)
+                        exchange=exchange, slack=slack, chunks=chunks)
   return fn
 
 
@@ -159,6 +159,22 @@ def test_small_exchange_buffers_and_their_fallback(exchange, skewed, monkeypatch
   got = _loss_and_grads(jax.jit(_sharded(mesh, sharding.RULES["fsdp_expert"], exchange, slack)),
                         x, routing, w, gates)
   _assert_close(got, want)
+
+
+@pytest.mark.parametrize("exchange", ["dense", "ragged"])
+def test_chunked_exchange_matches_reference(exchange, monkeypatch):
+  """Each device's 4 groups in 2 independent pieces (own sort, exchange, FFN)."""
+  if exchange == "ragged":
+    monkeypatch.setattr(ep, "_ragged_all_to_all", _emulated_ragged_all_to_all)
+  x, routing, w = _problem(seed=4)
+  gates = routing.gate_GA
+  want = _loss_and_grads(jax.jit(_reference), x, routing, w, gates)
+  mesh = sharding.make_mesh(MeshConfig(data=1, expert=2), jax.devices()[:2])
+  rules = sharding.RULES["fsdp_expert"]
+  _assert_close(_loss_and_grads(jax.jit(_sharded(mesh, rules, exchange, chunks=2)), x, routing,
+                                w, gates), want)
+  with pytest.raises(ValueError, match="exchange_chunks=3 does not divide the 4"):
+    _sharded(mesh, rules, exchange, chunks=3)(x, routing, *w, gates)
 
 
 def test_capacity_drops_are_honoured_and_local_path_matches():

@@ -48,7 +48,8 @@ class Row:
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
   moe = MoeConfig(num_experts=a.experts, top_k=a.top_k, d_expert=a.d_expert, dispatch=a.dispatch,
-                  exchange=a.exchange, exchange_slack=a.slack, dropless=a.dispatch != "einsum", capacity_factor_train=1.25)
+                  exchange=a.exchange, exchange_slack=a.slack,
+                  exchange_chunks=a.chunks, dropless=a.dispatch != "einsum", capacity_factor_train=1.25)
   return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers,
                      n_heads=a.d_model // 128, d_ff=4 * a.d_model, max_seq_len=a.seq,
                      dtype="bfloat16", moe=moe)
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--exchange", default="auto", choices=list(ep.EXCHANGES))
   p.add_argument("--slack", type=float, default=1.25,
                  help="exchange buffers: x the balanced share while it fits; 0 = worst case")
+  p.add_argument("--chunks", type=int, default=1, help="MoeConfig.exchange_chunks")
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--check", action="store_true")
