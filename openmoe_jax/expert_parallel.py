@@ -29,10 +29,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from openmoe_jax import axes as ax
+from openmoe_jax import grouped
 from openmoe_jax import layers
 from openmoe_jax import sharding
 from openmoe_jax.config import EXCHANGES
@@ -64,36 +64,6 @@ def _count(ids: jax.Array, length: int) -> jax.Array:
   return jnp.zeros((length,), jnp.int32).at[ids].add(1, mode="drop")
 
 
-@jax.custom_vjp
-def take_rows(x_ND: jax.Array, index_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
-  """y_MD = x_ND[index_M], zero where index_M is out of range (>= N), for an index that uses
-  each row of x at most once; `inverse_N[j]` is the i with index_M[i] == j (>= M if none).
-
-  Its gradient is the gather dy[inverse_N] (zero rows where x was not used), not the
-  scatter-add that differentiating a gather gives: XLA cannot know the index is injective, so
-  that scatter is atomic and one of the costliest passes of the expert-parallel step."""
-  return jnp.take(x_ND, index_M, axis=0, mode="fill", fill_value=0)
-
-
-def _take_rows_fwd(x_ND, index_M, inverse_N):
-  return take_rows(x_ND, index_M, inverse_N), (index_M, inverse_N)
-
-
-def _take_rows_bwd(res, dy_MD):
-  index_M, inverse_N = res
-  zero = np.zeros((), jax.dtypes.float0)
-  return (jnp.take(dy_MD, inverse_N, axis=0, mode="fill", fill_value=0),
-          np.broadcast_to(zero, index_M.shape), np.broadcast_to(zero, inverse_N.shape))
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
-
-
-def _inverse_permutation(order_R: jax.Array) -> jax.Array:
-  return jnp.zeros_like(order_R).at[order_R].set(
-      jnp.arange(order_R.shape[0], dtype=order_R.dtype), unique_indices=True)
-
-
 def _label_rows(num_rows: int, starts_J: jax.Array, sizes_J: jax.Array, e_local: int) -> jax.Array:
   """Local expert of each received row (segments ordered source-major); e_local for padding."""
   rows_R = jnp.arange(num_rows, dtype=jnp.int32)
@@ -109,7 +79,7 @@ def expert_ffn(x_RD: jax.Array, local_R: jax.Array, weights: tuple[jax.Array, ..
   w_up_EDF = weights[1] if len(weights) == 3 else None
   e_local = w_gate_EDF.shape[0]
   order_R = jnp.argsort(local_R, stable=True).astype(jnp.int32)  # padding (sentinel) last
-  inverse_R = _inverse_permutation(order_R)
+  inverse_R = grouped.inverse_permutation(order_R)
   sizes_E = _count(local_R, e_local)
   # row_positions: each row is read once, so the lhs gradient is a gather, not a scatter-add.
   mm = functools.partial(gmm_lib.gmm, group_sizes_G=sizes_E, backend=gmm_backend)
@@ -117,7 +87,7 @@ def expert_ffn(x_RD: jax.Array, local_R: jax.Array, weights: tuple[jax.Array, ..
   gate_RF = mm(x_RD, w_gate_EDF, **rows)
   up_RF = None if w_up_EDF is None else mm(x_RD, w_up_EDF, **rows)
   out_RD = mm(layers.activate(activation, gate_RF, up_RF), w_out_EFD)
-  return take_rows(out_RD, inverse_R, order_R)
+  return grouped.permute_rows(out_RD, inverse_R, order_R)
 
 
 def exchange_capacity(m: int, n: int, slack: float) -> int:
@@ -143,13 +113,13 @@ def _dense_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
   dest_M = jnp.clip(jnp.searchsorted(start_n, rows_M, side="right") - 1, 0, n - 1)
   row_slots_M = jnp.where(rows_M < jnp.sum(send_n), dest_M * cap + rows_M - start_n[dest_M],
                           n * cap)
-  send_RD = take_rows(x_sorted_MD, slot_rows_R, row_slots_M)
+  send_RD = grouped.take_rows(x_sorted_MD, slot_rows_R, row_slots_M)
   recv_RD = jax.lax.all_to_all(send_RD, axis, 0, 0, tiled=True)
   mine_nE = jax.lax.dynamic_slice_in_dim(counts_nE, me * e_local, e_local, axis=1)
   starts_J = (jnp.arange(n, dtype=jnp.int32)[:, None] * cap + _exclusive_cumsum(mine_nE, 1))
   y_RD = ffn(recv_RD, _label_rows(n * cap, starts_J.reshape(-1), mine_nE.reshape(-1), e_local))
   back_RD = jax.lax.all_to_all(y_RD, axis, 0, 0, tiled=True)
-  return take_rows(back_RD, row_slots_M, slot_rows_R)
+  return grouped.take_rows(back_RD, row_slots_M, slot_rows_R)
 
 
 def _ragged_exchange(x_sorted_MD, send_n, counts_nE, me, n, ffn, axis, cap):
@@ -191,9 +161,15 @@ def _device_moe(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights, chunks
 
 def _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights,
                       axis: str | None, n: int, exchange: str, activation: str,
-                      gmm_backend: str, slack: float = 0.0) -> jax.Array:
-  """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32."""
+                      gmm_backend: str, slack: float = 0.0, top_k: int = 0) -> jax.Array:
+  """One device's share: local tokens and assignments, E/n local experts -> y_GSD float32.
+
+  `top_k` > 0: the assignments are token choice in `router.top_k_routing`'s k-major layout
+  (every token exactly top_k times, once per block of S), so the tokens are gathered with a
+  gather-and-sum gradient and the outputs combined by a gather and a K-sum: no scatter-add.
+  0: any layout (expert choice too), combined by a float32 scatter-add."""
   g, s, d = x_GSD.shape
+  a = token_GA.shape[1]
   e_local = weights[0].shape[0]
   e = e_local * n
   x_TD = x_GSD.reshape(g * s, d)
@@ -201,9 +177,18 @@ def _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights,
   kept_M = kept_GA.reshape(-1)
   expert_M = jnp.where(kept_M, expert_GA.reshape(-1), e)  # dropped -> sentinel e, sorted last
   weight_M = jnp.where(kept_M, weight_GA.reshape(-1), 0.0)
-  order_M = jnp.argsort(expert_M, stable=True)
+  m = expert_M.shape[0]
+  order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
   sorted_expert_M = expert_M[order_M]
-  x_sorted_MD = x_TD[token_M[order_M]]
+  token_choice = top_k > 0 and a == top_k * s
+  if token_choice:
+    # tk = token * K + choice is a permutation of [T * K]; row_TK: sorted row of each (token,
+    # choice), the inverse of the sort in (token, choice) order.
+    tk_M = token_M * top_k + jnp.tile(jnp.arange(a, dtype=jnp.int32) // s, g)
+    row_TK = grouped.inverse_permutation(tk_M[order_M])
+    x_sorted_MD = grouped.gather_rows(x_TD, token_M[order_M], row_TK.reshape(g * s, top_k))
+  else:
+    x_sorted_MD = x_TD[token_M[order_M]]
   ffn = functools.partial(expert_ffn, weights=weights, activation=activation,
                           gmm_backend=gmm_backend)
   counts_E = _count(expert_M, e)
@@ -215,7 +200,6 @@ def _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights,
     send_n = counts_E.reshape(n, e_local).sum(-1)
     exchange_fn = _ragged_exchange if exchange == "ragged" else _dense_exchange
     run = functools.partial(exchange_fn, x_sorted_MD, send_n, counts_nE, me, n, ffn, axis)
-    m = x_sorted_MD.shape[0]
     cap = exchange_capacity(m, n, slack)
     if cap >= m:
       y_sorted_MD = run(m)
@@ -224,17 +208,23 @@ def _device_moe_chunk(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights,
       # per (source, destination) pair when every pair fits, else the worst case (m rows).
       fits = jnp.max(counts_nE.reshape(n, n, e_local).sum(-1)) <= cap
       y_sorted_MD = jax.lax.cond(fits, lambda: run(cap), lambda: run(m))
-  order_M = order_M.astype(jnp.int32)
-  y_MD = take_rows(y_sorted_MD, _inverse_permutation(order_M), order_M)
-  y_MD = y_MD.astype(jnp.float32) * weight_M[:, None]
-  y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(jnp.where(kept_M[:, None], y_MD, 0))
+  # Rows of dropped assignments come back as zeros, and their weights are 0.
+  if token_choice:
+    w_TK = jnp.zeros((m,), jnp.float32).at[tk_M].set(weight_M, unique_indices=True)
+    y_TKD = grouped.permute_rows(y_sorted_MD, row_TK, tk_M[order_M]).reshape(g * s, top_k, d)
+    y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), w_TK.reshape(g * s, top_k))
+  else:
+    y_MD = grouped.permute_rows(y_sorted_MD, grouped.inverse_permutation(order_M), order_M)
+    y_MD = y_MD.astype(jnp.float32) * weight_M[:, None]
+    y_TD = jnp.zeros((g * s, d), jnp.float32).at[token_M].add(y_MD)
   return y_TD.reshape(g, s, d)
 
 
 def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA: jax.Array,
             weight_GA: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array | None,
             w_out_EFD: jax.Array, *, activation: str, gmm_backend: str = "auto",
-            exchange: str = "auto", slack: float = 1.25, chunks: int = 1) -> jax.Array:
+            exchange: str = "auto", slack: float = 1.25, chunks: int = 1,
+            top_k: int = 0) -> jax.Array:
   """Routed experts' output y_GSD (float32), expert-parallel over the active mesh.
 
   Routing arrays are [G, A] (`router.Routing` fields; `weight_GA` = combine weights). Groups G
@@ -242,6 +232,8 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
   buffers hold `slack` times the balanced share of rows per (source, destination) pair while
   every pair fits, else the worst case (`exchange_capacity`); <= 0 always the worst case.
   `chunks`: each device's groups in that many independent pieces (see `_device_moe`).
+  `top_k`: the routing's k when it is token choice in `router.top_k_routing`'s layout
+  (gathers instead of scatter-adds, see `_device_moe_chunk`); 0 for any other.
   """
   weights = (w_gate_EDF, w_out_EFD) if w_up_EDF is None else (w_gate_EDF, w_up_EDF, w_out_EFD)
   e = w_gate_EDF.shape[0]
@@ -249,7 +241,8 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
   run: Callable[..., jax.Array]
   if mesh is None:
     run = functools.partial(_device_moe, axis=None, n=1, exchange="dense",
-                            activation=activation, gmm_backend=gmm_backend, chunks=chunks)
+                            activation=activation, gmm_backend=gmm_backend, chunks=chunks,
+                            top_k=top_k)
     return run(x_GSD, token_GA, expert_GA, kept_GA, weight_GA, *weights)
   expert_axes = sharding.mesh_axes_for(ax.EXPERT)
   batch_axes = sharding.mesh_axes_for(ax.BATCH)
@@ -272,7 +265,7 @@ def moe_ffn(x_GSD: jax.Array, token_GA: jax.Array, expert_GA: jax.Array, kept_GA
                      "that splits evenly")
   run = functools.partial(_device_moe, axis=axis, n=n, exchange=resolve_exchange(exchange),
                           activation=activation, gmm_backend=gmm_backend, slack=slack,
-                          chunks=chunks)
+                          chunks=chunks, top_k=top_k)
   tok = P(batch_axes or None)
   w = P(axis)
   # check_vma=False: Pallas gmm kernels declare outputs without varying-axis types. shard_map

@@ -92,6 +92,26 @@ permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 @jax.custom_vjp
+def take_rows(x_ND: jax.Array, index_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
+  """`permute_rows` for an injective map that may leave rows out: y_MD = x_ND[index_M], zero
+  where index_M is out of range (>= N); inverse_N[j] is the i with index_M[i] == j (>= M if
+  none), and the VJP is the gather by it (zero rows where x was not used)."""
+  return jnp.take(x_ND, index_M, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_ND, index_M, inverse_N):
+  return take_rows(x_ND, index_M, inverse_N), inverse_N
+
+
+def _take_rows_bwd(inverse_N, dy_MD):
+  dx_ND = jnp.take(dy_MD, inverse_N, axis=0, mode="fill", fill_value=0)
+  return jax.lax.optimization_barrier(dx_ND), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
 def gather_rows(x_RD: jax.Array, idx_M: jax.Array, positions_RP: jax.Array) -> jax.Array:
   """x_RD[idx_M] where every row r appears exactly P times, at positions_RP[r]; the VJP
   gathers those P rows per source row and sums them (no scatter-add)."""

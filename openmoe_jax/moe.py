@@ -162,6 +162,13 @@ class MoeFFN(nnx.Module):
     y_GSD = jnp.einsum("EGCD,GSEC->GSD", out_EGCD.astype(jnp.float32), combine_GSEC)
     return y_GSD
 
+  def _token_choice_k(self, routing: router_lib.Routing, s: int) -> int:
+    """top_k when the routing is token choice in top_k_routing's k-major layout (each token
+    exactly k times, once per block of S assignments), else 0."""
+    k = self.moe.top_k
+    layout = self.moe.router != "expert_choice" and routing.token_GA.shape[1] == k * s
+    return k if layout else 0
+
   def _sorted(self, x_GSD: jax.Array, routing: router_lib.Routing, backend: str) -> jax.Array:
     """Ragged / gmm backends: kept assignments sorted by expert, grouped matmuls, combine.
 
@@ -186,7 +193,7 @@ class MoeFFN(nnx.Module):
     tok_sorted_M = token_M[order_M]
     kept_sorted_M = kept_M[order_M]
 
-    token_choice = self.moe.router != "expert_choice" and a == k * s
+    token_choice = self._token_choice_k(routing, s) > 0
     if token_choice:
       # Assignment a = j * S + p holds choice j of one token (k-major, see top_k_routing), so
       # tk = token * K + j is a permutation of [T * K]; row_TK: sorted row of (token, choice).
@@ -280,7 +287,8 @@ class MoeFFN(nnx.Module):
                                       gmm_backend=self.moe.gmm_backend,
                                       exchange=self.moe.exchange,
                                       slack=self.moe.exchange_slack,
-                                      chunks=self.moe.exchange_chunks)
+                                      chunks=self.moe.exchange_chunks,
+                                      top_k=self._token_choice_k(routing, s))
     else:
       raise ValueError(f"MoeConfig.dispatch={dispatch!r}; expected einsum, ragged or gmm")
     y_BLD = y_GSD.reshape(b, l, d).astype(self.dtype)

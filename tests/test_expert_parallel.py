@@ -36,12 +36,13 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   return output
 
 
-def _problem(seed=0, capacity=None):
+def _problem(seed=0, capacity=None, batch_prioritized=False):
   ks = jax.random.split(jax.random.PRNGKey(seed), 6)
   x = jax.random.normal(ks[0], (G, S, D))
   logits = jax.random.normal(ks[1], (G, S, E)) * 2
   mask = (jax.random.uniform(ks[2], (G, S)) > 0.15).astype(jnp.int32)
-  routing = router_lib.top_k_routing(logits, mask, top_k=K, capacity=capacity)
+  routing = router_lib.top_k_routing(logits, mask, top_k=K, capacity=capacity,
+                                     batch_prioritized=batch_prioritized)
   w = (jax.random.normal(ks[3], (E, D, F)) * 0.3, jax.random.normal(ks[4], (E, D, F)) * 0.3,
        jax.random.normal(ks[5], (E, F, D)) * 0.3)
   return x, routing, w
@@ -68,12 +69,12 @@ def _loss_and_grads(fn, x, routing, w, gates):
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, gates, *w)
 
 
-def _sharded(mesh, rules, exchange, slack=1.25, chunks=1):
+def _sharded(mesh, rules, exchange, slack=1.25, chunks=1, top_k=K):
   def fn(x, routing, w_gate, w_up, w_out, gates):
     with sharding.activate(mesh, rules):
       return ep.moe_ffn(x, routing.token_GA, routing.expert_GA, routing.kept_GA, gates, w_gate,
                         w_up, w_out, activation="swiglu", gmm_backend="reference",
-                        exchange=exchange, slack=slack, chunks=chunks)
+                        exchange=exchange, slack=slack, chunks=chunks, top_k=top_k)
   return fn
 
 
@@ -82,44 +83,28 @@ def _assert_close(a, b):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=2e-5)
 
 
-CASES = [  # (mesh, rules, exchange)
-    (MeshConfig(data=1, expert=8), "fsdp_expert", "dense"),
-    (MeshConfig(data=2, expert=4), "fsdp_expert", "ragged"),
-    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "dense"),
-    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "ragged"),
-    (MeshConfig(data=8), "data_parallel", "dense"),  # one expert shard: local per batch shard
+CASES = [  # (mesh, rules, exchange, top_k: 0 = the scatter-add combine of any layout)
+    (MeshConfig(data=1, expert=8), "fsdp_expert", "dense", 0),
+    (MeshConfig(data=1, expert=8), "fsdp_expert", "dense", K),
+    (MeshConfig(data=2, expert=4), "fsdp_expert", "ragged", K),
+    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "dense", K),
+    (MeshConfig(data=1, fsdp=2, expert=2, tensor=2), "fsdp_expert_tensor", "ragged", 0),
+    (MeshConfig(data=8), "data_parallel", "dense", K),  # one expert shard: local per shard
 ]
 
 
-@pytest.mark.parametrize("mesh_cfg,rules,exchange", CASES)
-def test_shard_map_matches_reference(mesh_cfg, rules, exchange, monkeypatch):
+@pytest.mark.parametrize("mesh_cfg,rules,exchange,top_k", CASES)
+def test_shard_map_matches_reference(mesh_cfg, rules, exchange, top_k, monkeypatch):
   if exchange == "ragged":
     monkeypatch.setattr(ep, "_ragged_all_to_all", _emulated_ragged_all_to_all)
   x, routing, w = _problem()
   gates = routing.gate_GA
   want = _loss_and_grads(jax.jit(_reference), x, routing, w, gates)
   mesh = sharding.make_mesh(mesh_cfg)
-  got = _loss_and_grads(jax.jit(_sharded(mesh, sharding.RULES[rules], exchange)), x, routing, w,
-                        gates)
+  got = _loss_and_grads(jax.jit(_sharded(mesh, sharding.RULES[rules], exchange, top_k=top_k)),
+                        x, routing, w, gates)
   _assert_close(got, want)
   assert float(jnp.abs(want[1][2]).sum()) > 0  # the expert weights do get gradients
-
-
-def test_take_rows_matches_a_gather_in_value_and_gradient():
-  """An injective index with out-of-range entries (zero rows) and unused source rows."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
-  index = jnp.array([4, 6, 0, 2, 9, 5], jnp.int32)  # 6 and 9: out of range; rows 1, 3 unused
-  inverse = jnp.full((6,), 6, jnp.int32).at[jnp.array([4, 0, 2, 5])].set(jnp.array([0, 2, 3, 5]))
-  cot = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
-
-  def plain(x):
-    return jnp.where((index < 6)[:, None], x[jnp.clip(index, 0, 5)], 0.0)
-
-  want, want_vjp = jax.vjp(plain, x)
-  got, got_vjp = jax.vjp(lambda x: ep.take_rows(x, index, inverse), x)
-  np.testing.assert_array_equal(got, want)
-  np.testing.assert_array_equal(got_vjp(cot)[0], want_vjp(cot)[0])
-  assert not np.any(np.asarray(got_vjp(cot)[0])[[1, 3]])
 
 
 def test_exchange_capacity():
@@ -177,12 +162,15 @@ def test_chunked_exchange_matches_reference(exchange, monkeypatch):
     _sharded(mesh, rules, exchange, chunks=3)(x, routing, *w, gates)
 
 
-def test_capacity_drops_are_honoured_and_local_path_matches():
-  x, routing, w = _problem(seed=1, capacity=2)
+@pytest.mark.parametrize("batch_prioritized", [False, True])
+def test_capacity_drops_are_honoured_and_local_path_matches(batch_prioritized):
+  """Dropped assignments give nothing; with batch-prioritized routing each block of S
+  assignments holds the tokens in confidence order (the gather combine must follow it)."""
+  x, routing, w = _problem(seed=1, capacity=2, batch_prioritized=batch_prioritized)
   assert not bool(jnp.all(routing.kept_GA == routing.routed_GA))  # some assignments dropped
   gates = routing.gate_GA
   want = _loss_and_grads(jax.jit(_reference), x, routing, w, gates)
-  local = functools.partial(ep.moe_ffn, activation="swiglu", gmm_backend="reference")
+  local = functools.partial(ep.moe_ffn, activation="swiglu", gmm_backend="reference", top_k=K)
 
   def no_mesh(x, routing, w_gate, w_up, w_out, gates):
     return local(x, routing.token_GA, routing.expert_GA, routing.kept_GA, gates, w_gate, w_up,

@@ -180,3 +180,20 @@ def test_raw_kernel_calls_transposed_gather_and_gathered_tgmm(backend):
   assert np.all(np.isfinite(np.asarray(out)))
   assert _rel(out, want_out) < 1e-5 and _rel(tg, want_tg) < 1e-5
   assert np.all(np.asarray(out)[start:] == 0.0)
+
+
+def test_take_rows_matches_a_gather_in_value_and_gradient():
+  """An injective index with out-of-range entries (zero rows) and unused source rows."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  index = jnp.array([4, 6, 0, 2, 9, 5], jnp.int32)  # 6 and 9: out of range; rows 1, 3 unused
+  inverse = jnp.full((6,), 6, jnp.int32).at[jnp.array([4, 0, 2, 5])].set(jnp.array([0, 2, 3, 5]))
+  cot = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+
+  def plain(x):
+    return jnp.where((index < 6)[:, None], x[jnp.clip(index, 0, 5)], 0.0)
+
+  want, want_vjp = jax.vjp(plain, x)
+  got, got_vjp = jax.vjp(lambda x: grouped.take_rows(x, index, inverse), x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cot)[0], want_vjp(cot)[0])
+  assert not np.any(np.asarray(got_vjp(cot)[0])[[1, 3]])
