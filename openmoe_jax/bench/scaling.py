@@ -113,7 +113,8 @@ def check(n: int, exchange: str, slack: float) -> float:
   mesh = sharding.make_mesh(MeshConfig(data=1, expert=n), jax.devices()[:n])
 
   def loss(x, *w, sharded):
-    fn = functools.partial(ep.moe_ffn, activation="swiglu", exchange=exchange, slack=slack)
+    fn = functools.partial(ep.moe_ffn, activation="swiglu", exchange=exchange, slack=slack,
+                           top_k=2)
     args = (x, routing.token_GA, routing.expert_GA, routing.kept_GA, routing.gate_GA, *w)
     if not sharded:
       return jnp.sum(fn(*args) ** 2)
