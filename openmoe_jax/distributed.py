@@ -26,7 +26,8 @@ _CLUSTER_HINTS = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR
 # rows peer after peer: on 2 x H200 the expert-parallel step ran at 19.7% scaling efficiency
 # with it, 80% with the ragged all-to-all decomposed into dense all-to-alls (docs/scaling.md).
 # The flag is known to every XLA backend and changes nothing where no ragged all-to-all runs.
-DEFAULT_XLA_FLAGS = ("--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true",)
+DECOMPOSER_FLAG = "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer"
+DEFAULT_XLA_FLAGS = (f"{DECOMPOSER_FLAG}=true",)
 
 
 def with_default_xla_flags(flags: str) -> str:
@@ -34,6 +35,15 @@ def with_default_xla_flags(flags: str) -> str:
   names = {f.split("=", 1)[0] for f in flags.split()}
   extra = [f for f in DEFAULT_XLA_FLAGS if f.split("=", 1)[0] not in names]
   return " ".join([flags.strip(), *extra]).strip()
+
+
+def ragged_all_to_all_decomposed(flags: str | None = None) -> bool:
+  """Whether `flags` (default: this process's XLA_FLAGS) turn the decomposer on; the last
+  setting wins, as in XLA."""
+  flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+  values = [f.split("=", 1)[1] if "=" in f else "true" for f in flags.split()
+            if f.split("=", 1)[0] == DECOMPOSER_FLAG]
+  return bool(values) and values[-1].lower() in ("true", "1")
 
 
 def apply_default_xla_flags() -> None:

@@ -27,3 +27,10 @@ def test_a_process_with_the_default_flags_runs():
                      env={**env, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.split() == [f"{FLAG}=true", "3.0"]
+
+
+def test_decomposer_setting_is_read_from_the_flags():
+  assert not distributed.ragged_all_to_all_decomposed("")
+  assert distributed.ragged_all_to_all_decomposed(f"--a=1 {FLAG}=true")
+  assert not distributed.ragged_all_to_all_decomposed(f"{FLAG}=true {FLAG}=false")
+  assert distributed.ragged_all_to_all_decomposed(distributed.with_default_xla_flags("--a=1"))

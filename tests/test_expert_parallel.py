@@ -107,6 +107,16 @@ def test_shard_map_matches_reference(mesh_cfg, rules, exchange, top_k, monkeypat
   assert float(jnp.abs(want[1][2]).sum()) > 0  # the expert weights do get gradients
 
 
+@pytest.mark.parametrize("backend,flags,want", [
+    ("cpu", "", "dense"), ("tpu", "", "ragged"), ("gpu", "", "dense"),
+    ("gpu", "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true", "ragged")])
+def test_auto_exchange_avoids_xlas_in_process_ragged_kernel(backend, flags, want, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert ep.resolve_exchange("auto") == want
+  assert ep.resolve_exchange("ragged") == "ragged"
+
+
 def test_exchange_capacity():
   assert ep.exchange_capacity(24, 4, 1.25) == 8      # ceil(7.5) -> 8 rows
   assert ep.exchange_capacity(1000, 2, 1.25) == 632  # ceil(625) rounded up to 8
