@@ -26,7 +26,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical: Sequ
     raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical)} differ in rank")
   with nnx.use_eager_sharding(False):
     return nnx.Param(init(rngs.params(), tuple(shape), dtype_of(dtype)),
-                     sharding_names=tuple(logical))
+                     out_sharding=tuple(logical))
 
 
 def lowp_einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:

@@ -27,7 +27,7 @@ from openmoe_jax.config import ModelConfig
 
 def _names(leaf: nnx.Variable) -> tuple[str | None, ...]:
   meta = leaf.get_metadata()
-  names = meta.get("out_sharding") or meta.get("sharding_names") or ()
+  names = meta.get("out_sharding") or ()
   return tuple(names)
 
 
