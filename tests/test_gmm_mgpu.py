@@ -312,3 +312,53 @@ def test_auto_prefers_mgpu_on_hopper_where_a_tile_was_measured(monkeypatch, tmp_
   explicit = ops._static("pallas_gpu", jnp.bfloat16, None, False)
   assert not explicit.prefer_mgpu
   assert ops._routed(explicit, "gmm", gather=False, **call)[0].backend == "pallas_gpu"
+
+
+def _np_glu(lhs, w_gate_up, gs, act):
+  f = w_gate_up.shape[2] // 2
+  h = _np_gmm(lhs, w_gate_up, gs)
+  g, u = h[:, :f], h[:, f:]
+  a = g / (1 + np.exp(-g)) if act == "silu" else np.maximum(g, 0) if act == "relu" else g
+  return a * u
+
+
+@pytest.mark.parametrize("ring_kind,act", [(1, "silu"), (2, "silu"), (2, "relu")])
+@pytest.mark.parametrize("case", sorted(SIZES))
+def test_glu_epilogue_matches_float64(case, ring_kind, act):
+  """`glu`: the ring kernel loads the gate and up halves of each column tile, keeps two
+  accumulators per warpgroup and writes act(gate) * up [M, F] only; every element (the tail
+  rows' zeros too) is compared with float64."""
+  gs = SIZES[case]
+  lhs, _, _ = _inputs(4)
+  w = (jax.random.normal(jax.random.key(5), (5, K, 2 * N), jnp.float32)
+       / np.sqrt(K)).astype(jnp.bfloat16)
+  t = Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, group_m=2, ring=ring_kind)
+  out = mg.gmm(lhs, w, jnp.array(gs, jnp.int32), tiling=t, interpret=True, glu=act)
+  assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+  assert _rel(out, _np_glu(lhs, w, gs, act)) <= 1e-2
+  np.testing.assert_array_equal(np.asarray(out[sum(gs):], np.float32), 0.0)
+
+
+def test_glu_rejects_what_it_cannot_fuse():
+  ok = dict(gather=False, k=K, n=2 * N, op="gmm")
+  ring = Tiling(tm=128, tn=128, tk=64, num_warps=8, num_stages=4, ring=2)
+  assert mg.supports(jnp.bfloat16, t=ring, glu="silu", **ok) is None
+  assert "glu activation" in mg.supports(jnp.bfloat16, t=ring, glu="gelu", **ok)
+  assert "ring tile" in mg.supports(jnp.bfloat16, t=GMM_T, glu="silu", **ok)
+  assert "ring tile" in mg.supports(jnp.bfloat16, t=ring, glu="silu", **{**ok, "n": 2 * N + 64})
+
+
+@pytest.mark.parametrize("tiling", [Tiling(128, 256, 64, 8, 4, ring=2),
+                                    Tiling(64, 128, 128, 4, 4, ring=1)])
+def test_glu_lowers_to_mosaic_gpu(tiling, monkeypatch):
+  """The fused GLU epilogue lowers for a CUDA target at a bench shape (two accumulators per
+  warpgroup, a [2, tk, tn / 2] weight slot, the activation on the accumulators)."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration  # noqa: PLC0415
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                      lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+  s = jax.ShapeDtypeStruct
+  m, k, f, g = 32768, 768, 3072, 32
+  fn = functools.partial(mg.gmm, tiling=tiling, glu="silu")
+  lowered = jax.jit(fn).trace(s((m, k), jnp.bfloat16), s((g, k, 2 * f), jnp.bfloat16),
+                              s((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "@mosaic_gpu" in lowered.as_text()

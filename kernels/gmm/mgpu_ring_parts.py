@@ -95,10 +95,12 @@ def ring_smem(geo: Geometry, lhs_dtype, rhs_dtype, transpose_rhs: bool) -> dict:
 
 
 def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, rhs_gmem,
-              a_smem, b_smem, loaded: Callable[[jax.Array, jax.Array], object], free) -> None:
+              a_smem, b_smem, loaded: Callable[[jax.Array, jax.Array], object], free,
+              glu_cols: int = 0) -> None:
   """The memory warpgroup: TMA-loads every K step of the CTA's items into the ring, waiting
   for a slot to be freed before refilling it; `loaded(j, slot)` is the barrier of item j's
-  copies into `slot`."""
+  copies into `slot`. `glu_cols` = n > 0: rhs is [gate | up] ([G, K, 2n]) and column tile
+  c loads columns c * tn / 2 of both halves into b_smem[slot, 0] and b_smem[slot, 1]."""
   g, tm, tn, tk, ksteps, stages = geo.g, geo.tm, geo.tn, geo.tk, geo.ksteps, geo.stages
 
   @pl.loop(0, num_local)
@@ -118,9 +120,15 @@ def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, 
       cols = pl.ds(kk * tk, tk)
       barrier = loaded(j, slot)
       plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(it.row0, tm), cols], a_smem.at[slot], barrier)
-      src = (rhs_g.at[pl.ds(it.col * tn, tn), cols] if transpose_rhs
-             else rhs_g.at[cols, pl.ds(it.col * tn, tn)])
-      plgpu.copy_gmem_to_smem(src, b_smem.at[slot], barrier)
+      if glu_cols:
+        half = tn // 2
+        for h in range(2):
+          plgpu.copy_gmem_to_smem(rhs_g.at[cols, pl.ds(h * glu_cols + it.col * half, half)],
+                                  b_smem.at[slot, h], barrier)
+      else:
+        src = (rhs_g.at[pl.ds(it.col * tn, tn), cols] if transpose_rhs
+               else rhs_g.at[cols, pl.ds(it.col * tn, tn)])
+        plgpu.copy_gmem_to_smem(src, b_smem.at[slot], barrier)
 
   # Observe the last releases, so that no barrier phase goes unseen.
   steps = num_local * ksteps
@@ -132,18 +140,23 @@ def load_ring(geo: Geometry, item, num_local, *, transpose_rhs: bool, lhs_gmem, 
 
 def ring_mma(acc_ref, s0, count, stages: int, *, operands, loaded, free,
              after: Sequence[tuple[int, Callable[[], None]]] = ()) -> None:
-  """wgmma of ring steps s0 .. s0 + count - 1 on this warpgroup with one wgmma in flight:
-  `operands(r, slot)` gives step r's (A, B) refs (and may first prepare the slot's shared
-  memory); `loaded(slot)` is this warpgroup's barrier of the slot. A slot is freed once the
-  wgmma after it has been issued, the last one after the final wait. Each `(r, fn)` of
-  `after` runs fn while step r's wgmma computes (e.g. part of the previous block's
-  epilogue); r is clipped to the last step."""
+  """wgmma of ring steps s0 .. s0 + count - 1 on this warpgroup with one step's wgmma in
+  flight: `operands(r, slot)` gives step r's (A, B) refs (and may first prepare the slot's
+  shared memory); `loaded(slot)` is this warpgroup's barrier of the slot. A slot is freed
+  once the wgmma after it has been issued, the last one after the final wait. Each `(r, fn)`
+  of `after` runs fn while step r's wgmma computes (e.g. part of the previous block's
+  epilogue); r is clipped to the last step. `acc_ref` may be a tuple of accumulators;
+  `operands` then gives one (A, B) per accumulator, all issued in each step."""
+  accs = acc_ref if isinstance(acc_ref, tuple) else (acc_ref,)
+
   def step(r, _):
     s = s0 + r
     slot = s % stages
     plgpu.barrier_wait(loaded(slot))
-    plgpu.wgmma(acc_ref, *operands(r, slot))
-    plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+    ops = operands(r, slot)
+    for acc, (a, b) in zip(accs, ops if isinstance(acc_ref, tuple) else [ops]):
+      plgpu.wgmma(acc, a, b)
+    plgpu.wgmma_wait(len(accs))  # the previous step's wgmma is done: free its slot
 
     @pl.when(r > 0)
     def _release():
@@ -165,6 +178,8 @@ def mma_steps(geo: Geometry, acc_ref, j, *, transpose_rhs: bool, a_smem, b_smem,
   def operands(_, slot):
     a = a_smem.at[slot] if a_rows is None else a_smem.at[slot].at[a_rows]
     b = b_smem.at[slot]
+    if isinstance(acc_ref, tuple):  # GLU: the gate and up halves of the slot
+      return [(a, b.at[h]) for h in range(len(acc_ref))]
     return a, (b.transpose((1, 0)) if transpose_rhs else b)
 
   ring_mma(acc_ref, j * geo.ksteps, geo.ksteps, geo.stages, operands=operands, loaded=loaded,

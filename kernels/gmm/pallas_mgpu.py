@@ -44,10 +44,19 @@ _MEMORY_REGISTERS = 40
 ROW_ALIGN = tile_list.ROW_ALIGN  # row starts of TMA tile loads: multiples of the 8-row smem tiling
 
 
-def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str) -> str | None:
-  """None when this backend runs the call, else why it cannot (ops then uses pallas_gpu)."""
+def supports(lhs_dtype, *, gather: bool, k: int, n: int, t: Tiling, op: str,
+             glu: str | None = None) -> str | None:
+  """None when this backend runs the call, else why it cannot (ops then uses pallas_gpu).
+  With `glu`, n is the width of the [gate | up] weights (2F)."""
   if gather:
     return "fused row gather (TMA has no row gather on Hopper)"
+  if glu:
+    from openmoe_jax.kernels.gmm import pallas_mgpu_ring  # noqa: PLC0415 - imports us
+    if glu not in pallas_mgpu_ring.GLU_ACTIVATIONS:
+      return f"glu activation {glu!r} (fused: {pallas_mgpu_ring.GLU_ACTIVATIONS})"
+    if op != "gmm" or not t.ring or t.tn % 128 or n % 2 or (n // 2) % (t.tn // 2):
+      return (f"glu with tiling {t} (a ring tile of the plain gmm whose tn / 2 is a multiple "
+              "of 64 and divides each half of the weights)")
   if jnp.dtype(lhs_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(lhs_dtype).name} (wgmma is exact for 16-bit operands only)"
   wgs = t.num_warps // 4
@@ -283,14 +292,18 @@ def _gmm_call(tiles: TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_
 
 
 def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False,
-        out_dtype=None, tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
-  """out[m] = lhs[m] @ rhs[group(m)] (rows past the end zero). See `supports`."""
+        out_dtype=None, tiling: Tiling | None = None, interpret: bool = False,
+        glu: str | None = None) -> jax.Array:
+  """out[m] = lhs[m] @ rhs[group(m)] (rows past the end zero). See `supports`.
+
+  `glu` (an activation of `pallas_mgpu_ring.GLU_ACTIVATIONS`; ring tiles only): rhs is
+  [gate | up] ([G, K, 2F]) and out[m] = act(lhs[m] @ gate) * (lhs[m] @ up) [M, F]."""
   if row_index_M is not None:
     raise NotImplementedError("pallas_mgpu has no fused row gather; ops routes it elsewhere")
   t = tiling or DEFAULT_TILING
   m, k = lhs_XK.shape
   n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
-  why = supports(lhs_XK.dtype, gather=False, k=k, n=n, t=t, op="gmm")
+  why = supports(lhs_XK.dtype, gather=False, k=k, n=n, t=t, op="gmm", glu=glu)
   if why:
     raise ValueError(f"pallas_mgpu gmm cannot run this call: {why}")
   out_dtype = out_dtype or lhs_XK.dtype
@@ -307,8 +320,12 @@ def gmm(lhs_XK, rhs_GKN, group_sizes_G, *, row_index_M=None, transpose_rhs=False
   elif t.pingpong:
     from openmoe_jax.kernels.gmm import pallas_mgpu_pingpong  # noqa: PLC0415 - imports us
     call = pallas_mgpu_pingpong.gmm_call
-  out = call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                  t=t, interpret=interpret)
+  if glu:
+    out = call(tiles, lhs, rhs_GKN, n=n // 2, transpose_rhs=False, out_dtype=out_dtype, t=t,
+               interpret=interpret, glu=glu)
+  else:
+    out = call(tiles, lhs, rhs_GKN, n=n, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+               t=t, interpret=interpret)
   return out[:m]
 
 

@@ -98,13 +98,34 @@ def unfit(t: Tiling, itemsize: int = 2) -> str | None:
   return unfit_for(t, t.tm, staging(t, itemsize, 4) is not None)
 
 
+GLU_ACTIVATIONS = ("silu", "relu", "identity")
+
+
+def _activate(name: str, x):
+  if name == "silu":
+    return x * jax.nn.sigmoid(x)
+  if name == "relu":
+    return jnp.maximum(x, 0.0)
+  return x
+
+
 def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, out_dtype,
-             t: Tiling, interpret: bool):
-  geo = parts.geometry(lhs_MK, rhs, n=n, t=t, interpret=interpret)
+             t: Tiling, interpret: bool, glu: str | None = None):
+  """The ring gmm. With `glu` (an activation of GLU_ACTIVATIONS), rhs holds [gate | up]
+  weights [G, K, 2n] and the output is act(lhs @ gate) * (lhs @ up) [M, n]: each item's K
+  steps load a tk x tn / 2 block of both halves, each warpgroup keeps two accumulators, and
+  the epilogue multiplies them, so the [M, 2n] product is never written."""
+  geo = parts.geometry(lhs_MK, rhs, n=2 * n if glu else n, t=t, interpret=interpret)
   m, g, tm, tn, stages = geo.m, geo.g, geo.tm, geo.tn, geo.stages
   wgs = t.num_warps // 4
   rows_wg = tm // wgs
-  en, bufs = staging(t, jnp.dtype(lhs_MK.dtype).itemsize, jnp.dtype(out_dtype).itemsize)
+  ow = tn // 2 if glu else tn  # output columns of an item
+  en, bufs = staging_for(stages * (tm * t.tk + t.tk * tn) * jnp.dtype(lhs_MK.dtype).itemsize,
+                         tm, ow, jnp.dtype(out_dtype).itemsize)
+  smem = parts.ring_smem(geo, lhs_MK.dtype, rhs.dtype, transpose_rhs)
+  if glu:  # the gate and up halves of a column tile, one wgmma operand each
+    smem["b_smem"] = plgpu.SMEM((stages, 2, t.tk, ow), rhs.dtype,
+                                transforms=coop.swizzled(ow, rhs.dtype))
 
   def kernel(*refs):
     *tile_refs, lhs_gmem, rhs_gmem, out_gmem = refs  # the TileList, then the operands
@@ -112,12 +133,12 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
     num_local, item = parts.local_items(tile_refs, geo)
 
     @functools.partial(
-        pl.run_scoped, **parts.ring_smem(geo, lhs_MK.dtype, rhs.dtype, transpose_rhs),
+        pl.run_scoped, **smem,
         out_smem=plgpu.RefUnion(
             plgpu.SMEM((wgs, bufs, rows_wg, en), out_dtype,
                        transforms=coop.swizzled(en, out_dtype)),
             plgpu.SMEM((wgs, bufs, rows_wg, en), out_dtype)),
-        produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        produced=plgpu.Barrier(num_arrivals=3 if glu else 2, num_barriers=stages),
         consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
         collective_axes="wg")
     def _scope(a_smem, b_smem, out_smem, produced, consumed):
@@ -129,7 +150,8 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
           plgpu.set_max_registers(parts.MEMORY_REGISTERS, action="decrease")
         parts.load_ring(geo, item, num_local, transpose_rhs=transpose_rhs, lhs_gmem=lhs_gmem,
                         rhs_gmem=rhs_gmem, a_smem=a_smem, b_smem=b_smem,
-                        loaded=lambda j, slot: produced.at[slot], free=consumed)
+                        loaded=lambda j, slot: produced.at[slot], free=consumed,
+                        glu_cols=n if glu else 0)
 
       @pl.when(wg < wgs)
       def _compute_warpgroup():
@@ -146,7 +168,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
           own_end = jnp.clip(end, own_start, lo + rows_wg)
           return OwnRows(grp, lo, own_start, own_end, ni)
 
-        chunks = tn // en
+        chunks = ow // en
 
         def store_chunk(block, o: OwnRows, c: int):
           """Stages and stores columns [c * en, (c + 1) * en) of this warpgroup's block."""
@@ -158,7 +180,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
           buf = c % bufs
           coop.store_tile(block[:, c * en:(c + 1) * en].astype(out_dtype),
                           swz_smem.at[wg, buf], plain_smem.at[wg, buf],
-                          out_gmem.at[pl.ds(o.lo, rows_wg), pl.ds(o.ni * tn + c * en, en)],
+                          out_gmem.at[pl.ds(o.lo, rows_wg), pl.ds(o.ni * ow + c * en, en)],
                           group=o.grp, num_groups=g, start=o.start, end=o.end, row0=o.lo)
 
         def store(block, o: OwnRows):
@@ -166,12 +188,16 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
             store_chunk(block, o, c)
 
         def multiply(j, after=()):
-          def main_loop(acc_ref):
-            parts.mma_steps(geo, acc_ref, j, transpose_rhs=transpose_rhs, a_smem=a_smem,
-                            b_smem=b_smem, loaded=lambda slot: produced.at[slot],
-                            free=consumed, a_rows=own, after=after)
-            return acc_ref[...]
-          return pl.run_scoped(main_loop, plgpu.ACC((rows_wg, tn), jnp.float32))
+          def main_loop(*acc_refs):
+            parts.mma_steps(geo, acc_refs if glu else acc_refs[0], j,
+                            transpose_rhs=transpose_rhs, a_smem=a_smem, b_smem=b_smem,
+                            loaded=lambda slot: produced.at[slot], free=consumed, a_rows=own,
+                            after=after)
+            if glu:
+              return _activate(glu, acc_refs[0][...]) * acc_refs[1][...]
+            return acc_refs[0][...]
+          accs = [plgpu.ACC((rows_wg, ow), jnp.float32)] * (2 if glu else 1)
+          return pl.run_scoped(main_loop, *accs)
 
         if t.ring == 1:
           @pl.loop(0, num_local)
@@ -194,7 +220,7 @@ def gmm_call(tiles: coop.TileList, lhs_MK, rhs, *, n: int, transpose_rhs: bool, 
 
           nothing = OwnRows(*(jnp.int32(0),) * 5)
           last, last_o = lax.fori_loop(
-              0, num_local, item_with_last, (jnp.zeros((rows_wg, tn), out_dtype), nothing))
+              0, num_local, item_with_last, (jnp.zeros((rows_wg, ow), out_dtype), nothing))
 
           @pl.when(last_o.end > last_o.start)
           def _store_last():
