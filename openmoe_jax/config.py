@@ -59,6 +59,10 @@ class MoeConfig:
   #   while every pair fits (else worst case, same result); <= 0: always the worst case
   exchange_chunks: int = 1  # each device's groups in this many pieces, so exchanges overlap
   activation: str = "swiglu"  # expert FFN activation, one of ACTIVATIONS
+  fused_glu: bool = False  # dispatch="gmm", swiglu/geglu, token choice: the first expert layer
+  #   as one kernels.gmm.gmm_glu call (token rows gathered, then act(gate) * up in the Hopper
+  #   kernel's epilogue, [M, 2F] never written). Its backward recomputes that product: for
+  #   forward-only use (eval, generation) or a remat policy that recomputes the forward
   expert_dropout: float = 0.0  # MoEUT expert dropout on the router selection (training only)
   router_dtype: str = "float32"  # operands of the router matmul (logits accumulate in float32):
   #   "float32" as ST-MoE prescribes; "bfloat16" as MoEUT's autocast runs its sigma-MoE router
@@ -84,6 +88,10 @@ class MoeConfig:
     for name in ("jitter", "load_balance_weight", "z_loss_weight", "entropy_weight"):
       _positive(f"MoeConfig.{name}", getattr(self, name), allow_zero=True)
     _positive("MoeConfig.num_shared_experts", self.num_shared_experts, allow_zero=True)
+    _check(not self.fused_glu or (self.dispatch == "gmm" and self.activation in
+                                  ("swiglu", "geglu")),
+           f"MoeConfig.fused_glu needs dispatch='gmm' and a gated activation (swiglu, geglu); "
+           f"got dispatch={self.dispatch!r}, activation={self.activation!r}")
     if self.dispatch == "einsum" and self.dropless:
       raise ValueError("MoeConfig.dispatch='einsum' needs a capacity; dropless=True needs "
                        "dispatch='ragged' or 'gmm'")

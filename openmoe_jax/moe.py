@@ -62,6 +62,18 @@ class GatedActivation:
     return (h_MF.astype(jnp.float32) * gate_M[:, None]).astype(h_MF.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class GateRows:
+  """Expert rows [M, F] -> rows * gate[:, None] (a hashable prologue for `grouped.gmm_sum`,
+  for rows whose activation is already applied)."""
+
+  def __call__(self, h_MF: jax.Array, gate_M: jax.Array) -> jax.Array:
+    return (h_MF.astype(jnp.float32) * gate_M[:, None]).astype(h_MF.dtype)
+
+
+_GLU = {"swiglu": "silu", "geglu": "gelu"}  # gated activation -> gmm_glu's activation
+
+
 class MoeFFN(nnx.Module):
   """Routed experts (SwiGLU / GeGLU / ReLU / GELU) with optional always-on shared experts."""
 
@@ -219,6 +231,16 @@ class MoeFFN(nnx.Module):
         x_MD = x_TD[tok_sorted_M]
       in_MF = jax.lax.ragged_dot(x_MD, w_in, sizes_E)
       mm_out = lambda h_MF: jax.lax.ragged_dot(h_MF, w_out, sizes_E)
+    elif token_choice and self.moe.fused_glu:
+      # Rows gathered once ([M, D]), then one call that writes act(gate) * up only.
+      x_MD = grouped.gather_rows(x_TD.astype(w_in.dtype), tok_sorted_M, row_TK.reshape(g * s, k))
+      h_MF = checkpoint_name(grouped.kernels_gmm().gmm_glu(
+          x_MD, w_in, sizes_E, activation=_GLU[self.moe.activation],
+          backend=self.moe.gmm_backend), "routed_hidden")
+      y_TD = grouped.gmm_sum((h_MF, weight_sorted_M), w_out, sizes_E,
+                             row_TK.reshape(g * s, k), tok_sorted_M, self.moe.gmm_backend,
+                             prologue=GateRows())
+      return y_TD.reshape(g, s, d)
     else:
       gmm_lib = grouped.kernels_gmm()
       # Token choice: token t is used at sorted rows row_TK[t], so the x gradient is a

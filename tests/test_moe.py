@@ -216,3 +216,38 @@ def test_layer_period_placement_and_aux_in_model():
   assert logits.shape == (2, 8, 32)
   assert aux["segment0"]["block1"]["expert_load_E"].shape == (2, E)  # 2 repeats of the unit
   assert float(transformer.total_aux_loss(aux)) > 0
+
+
+@pytest.mark.skipif(not _has_gmm(), reason="needs the gmm kernels package")
+@pytest.mark.parametrize("case", ["topk_capacity", "dropless", "sigma"])
+def test_fused_glu_equals_the_two_step_first_layer(case, monkeypatch):
+  """MoeConfig.fused_glu (gathered rows, one gmm_glu call, gates applied before the output
+  matmul): the same loss and gradients as the default gmm path, and the same output as the
+  float64 reference."""
+  from openmoe_jax.kernels import gmm as gmm_lib  # noqa: PLC0415
+  calls = []
+  real = gmm_lib.gmm_glu
+  monkeypatch.setattr(gmm_lib, "gmm_glu", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  x, mask = _x_mask(2)
+  ct = jax.random.normal(jax.random.key(4), x.shape)
+  cfg = _cfg("gmm", **CASES[case])
+  fused = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, fused_glu=True))
+  v0, (gp0, gx0) = _loss_and_grads(cfg, x, mask, ct)
+  assert not calls
+  v1, (gp1, gx1) = _loss_and_grads(fused, x, mask, ct)
+  assert calls and calls[0]["activation"] == "silu"  # the fused path ran
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  m = moe.MoeFFN(fused, nnx.Rngs(0))
+  m.w_router_DE[...] = m.w_router_DE[...] * 50
+  y, _ = m(x, token_mask_BL=mask)
+  np.testing.assert_allclose(np.asarray(y), reference_moe(m, x, mask)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_fused_glu_needs_gmm_dispatch_and_a_gated_activation():
+  with pytest.raises(ValueError, match="fused_glu"):
+    MoeConfig(num_experts=4, dispatch="ragged", fused_glu=True)
+  with pytest.raises(ValueError, match="fused_glu"):
+    MoeConfig(num_experts=4, dispatch="gmm", activation="relu", fused_glu=True)

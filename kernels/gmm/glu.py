@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from openmoe_jax.kernels.gmm import ops, tuning
 from openmoe_jax.kernels.gmm.tiling import Tiling
 
+DEFAULT_TILING = Tiling(tm=128, tn=256, tk=64, num_warps=8, num_stages=4, group_m=8, ring=2)
 AUTO_MAX_K = 2048  # "auto" fuses up to this K (longer K: the product's extra pass is cheap)
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -44,9 +45,10 @@ def _gated(activation: str, in_MF2):
 def fused_tiling(lhs_MK, w_GK2F, activation: str, backend: str,
                  tiling: Tiling | None) -> Tiling | None:
   """The pallas_mgpu ring tile that runs the call fused, or None (unfused). `backend`
-  "pallas_mgpu" asks for it; "auto" takes it on a Hopper GPU where a plain gmm of the same
-  K and 2F (else F) columns has a measured tile and K <= AUTO_MAX_K (H100: 1.19x at K = 768,
-  1.02x at 2048, 0.98x at 4096; docs/kernels.md)."""
+  "pallas_mgpu" asks for it; "auto" takes it on a Hopper GPU when K <= AUTO_MAX_K (H100:
+  1.19x at K = 768, 1.02x at 2048, 0.98x at 4096; docs/kernels.md). The tile: `tiling`, else
+  a measured ring tile of a plain gmm of the same K and 2F (else F) columns, else
+  DEFAULT_TILING (the one those measurements used)."""
   m, k = lhs_MK.shape
   resolved = ops.resolve_backend(backend)
   wants = resolved == "pallas_mgpu" or (backend == "auto" and resolved == "pallas_gpu"
@@ -59,8 +61,8 @@ def fused_tiling(lhs_MK, w_GK2F, activation: str, backend: str,
   for n in (f2, f2 // 2):
     t = t or tuning.tuned("pallas_mgpu", "gmm", m=m, k=k, n=n, g=g, dtype=lhs_MK.dtype,
                           gather=False)
-  if t is None:
-    return None
+  if tiling is None and (t is None or not t.ring):
+    t = DEFAULT_TILING
   from openmoe_jax.kernels.gmm import pallas_mgpu  # noqa: PLC0415 - GPU-only module
   fits = pallas_mgpu.supports(lhs_MK.dtype, gather=False, k=k, n=f2, t=t, op="gmm",
                               glu=activation)
