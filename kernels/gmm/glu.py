@@ -3,8 +3,8 @@
     h[m] = act(x[m] @ w_gate[g]) * (x[m] @ w_up[g]),  w = [w_gate | w_up]  ([G, K, 2F])
 
 Unfused, the grouped matmul writes the [M, 2F] product and XLA reads it back to form the
-[M, F] rows. On a Hopper GPU with a measured ring tile (`pallas_mgpu_ring`, `glu=`), each K
-step loads the gate and the up block of a column tile, each warpgroup keeps two
+[M, F] rows. On a Hopper GPU (`pallas_mgpu_ring` with `glu=`, on a ring tile: `fused_tiling`)
+each K step loads the gate and the up block of a column tile, each warpgroup keeps two
 accumulators, and the kernel writes h only.
 
 The backward recomputes the [M, 2F] product with the plain kernel (nothing [M, 2F] is kept
