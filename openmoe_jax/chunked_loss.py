@@ -15,7 +15,7 @@ Chunks run along L, so a batch sharded over B stays sharded.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,14 +79,15 @@ def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax
 
 
 def fused_chunked_objective(head_fn: Callable[[jax.Array, jax.Array], jax.Array],
-                            x_BLD: jax.Array, weight: jax.Array, targets_BL: jax.Array,
+                            x_BLD: jax.Array, weight: Any, targets_BL: jax.Array,
                             weights_BL: jax.Array, chunk_len: int, z_loss: float = 0.0
                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(objective, sums): objective = loss_sum + z_loss_sum, differentiable in `x_BLD` and
   `weight`; `sums` are `losses.cross_entropy`'s metrics, without gradient.
 
   `head_fn(x_BCD, weight)` gives a chunk's logits (e.g. `partial(transformer.head_logits,
-  cfg)`; it must be hashable and free of traced values). The forward computes the gradient
+  cfg)`; it must be hashable and free of traced values). `weight` is an array or a pytree of
+  them (a head with a bias: `(weight, bias)`). The forward computes the gradient
   of the objective for a unit cotangent chunk by chunk (a float32 accumulator for the
   weight's, the hidden states' in their dtype); the backward scales both by the cotangent.
   """
@@ -116,13 +117,15 @@ def _fused_fwd(head_fn, chunk_len, z_loss, x_BLD, weight, targets_BL, weights_BL
     objective, ce_vjp, s = jax.vjp(objective_fn, logits_BCV, has_aux=True)
     (dlogits_BCV,) = ce_vjp(jnp.ones_like(objective))
     dx_BCD, dweight = head_vjp(dlogits_BCV)
-    return (jax.tree.map(jnp.add, acc, s), dweight_acc + dweight.astype(jnp.float32)), dx_BCD
+    dweight_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dweight_acc, dweight)
+    return (jax.tree.map(jnp.add, acc, s), dweight_acc), dx_BCD
 
-  init = (_zero_sums(), jnp.zeros(weight.shape, jnp.float32))
+  init = (_zero_sums(), jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weight))
   (sums, dweight), dx_nBCD = jax.lax.scan(
       body, init, (_split(x_BLD, n), _split(targets_BL, n), _split(weights_BL, n)))
   objective = sums["loss_sum"] + sums["z_loss_sum"]
-  return (objective, sums), (_merge(dx_nBCD), dweight.astype(weight.dtype))
+  dweight = jax.tree.map(lambda g, w: g.astype(w.dtype), dweight, weight)
+  return (objective, sums), (_merge(dx_nBCD), dweight)
 
 
 def _fused_bwd(head_fn, chunk_len, z_loss, res, cts):
@@ -130,7 +133,7 @@ def _fused_bwd(head_fn, chunk_len, z_loss, res, cts):
   dx_BLD, dweight = res
   g_objective, _ = cts  # the sums are metrics: their cotangents are dropped
   return ((g_objective * dx_BLD).astype(dx_BLD.dtype),
-          (g_objective * dweight).astype(dweight.dtype), None, None)
+          jax.tree.map(lambda g: (g_objective * g).astype(g.dtype), dweight), None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -165,8 +165,11 @@ class ModelConfig:
   head_dim: int = 0  # K per head; 0 = d_model // n_heads
   d_ff: int = 512  # F of the dense FFN
   activation: str = "swiglu"  # dense FFN activation, one of ACTIVATIONS
-  norm_eps: float = 1e-6  # RMSNorm epsilon
+  norm_eps: float = 1e-6  # epsilon of every norm
+  norm_type: str = "rms"  # "rms": RMSNorm (scale) | "layer": LayerNorm (mean-centred, scale and
+  #   bias; the official MoEUT code's torch.nn.LayerNorm, used by its converted checkpoints)
   tie_embeddings: bool = False  # share the input embedding with the output projection
+  head_bias: bool = False  # a learned bias [V] on the output logits (MoEUT's lm_head has one)
   rope_theta: float = 10000.0  # RoPE base
   rope_fraction: float = 1.0  # fraction of head_dim rotated (MoEUT rotates part of it)
   max_seq_len: int = 2048  # longest sequence (RoPE tables, KV cache)
@@ -220,6 +223,7 @@ class ModelConfig:
     _choice("ModelConfig.attention", self.attention, ("dense", "switchhead", "umoe"))
     _choice("ModelConfig.share_order", self.share_order, ("abab", "aabb"))
     _choice("ModelConfig.norm_scheme", self.norm_scheme, ("pre", "peri"))
+    _choice("ModelConfig.norm_type", self.norm_type, ("rms", "layer"))
     _choice("ModelConfig.remat", self.remat, REMATS)
     if self.remat_cse_repeats < -1:
       raise ValueError(f"ModelConfig.remat_cse_repeats={self.remat_cse_repeats}; expected "

@@ -1,4 +1,5 @@
-"""Basic layers: parameters with logical axes, RMSNorm, embeddings, RoPE and the gated MLP."""
+"""Basic layers: parameters with logical axes, RMSNorm / LayerNorm, embeddings, RoPE and the
+gated MLP."""
 from __future__ import annotations
 
 import functools
@@ -93,6 +94,34 @@ class RMSNorm(nnx.Module):
     x32 = x_BLD.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Mean-centred layer norm with a learned scale and bias (torch.nn.LayerNorm); float32
+  statistics, biased variance."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, param_dtype: str = "float32"):
+    self.eps = eps
+    self.scale = param(rngs, ones(), (dim,), (ax.NORM,), param_dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), (ax.NORM,), param_dtype)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x32 = x_BLD.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x_BLD.dtype)
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+  """The norm `cfg.norm_type` names, over d_model."""
+  norm = LayerNorm if cfg.norm_type == "layer" else RMSNorm
+  return norm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
+
+
+def norm_params(cfg: ModelConfig) -> int:
+  """Parameters of one `make_norm(cfg)`."""
+  return cfg.d_model * (2 if cfg.norm_type == "layer" else 1)
 
 
 class Embed(nnx.Module):

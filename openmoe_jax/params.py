@@ -36,7 +36,8 @@ def _block(cfg: ModelConfig, layer: int) -> tuple[int, int]:
       idle += (u.num_experts - u.attn_top_k) * (
           d * u.q_lora_rank + u.q_lora_rank * u.qk_dim if u.q_lora_rank else d * u.qk_dim)
     return total, total - idle
-  base = 2 * d + _attention(cfg)  # two RMSNorm scales + attention
+  norm = layers.norm_params(cfg)
+  base = 2 * norm + _attention(cfg)  # two norms + attention
   m = cfg.moe
   if m is None or not m.is_moe_layer(layer):
     ffn = _mlp(d, cfg.d_ff, cfg.activation)
@@ -46,7 +47,7 @@ def _block(cfg: ModelConfig, layer: int) -> tuple[int, int]:
   fixed = d * m.num_experts + (_mlp(d, m.num_shared_experts * f, m.activation)
                                if m.num_shared_experts else 0)
   if cfg.option("moe_extra_mlp") == "sequential":  # OpenMoE's dense MLP after the experts
-    fixed += d + _mlp(d, cfg.d_ff, cfg.activation)
+    fixed += norm + _mlp(d, cfg.d_ff, cfg.activation)
   return base + fixed + m.num_experts * expert, base + fixed + m.top_k * expert
 
 
@@ -55,7 +56,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   v, d = cfg.vocab_size, cfg.d_model
   embedding = v * d * (1 if cfg.tie_embeddings else 2)
   unique_layers = cfg.n_shared_groups or cfg.n_layers  # shared groups sit at layers 0..G-1
-  total = active = embedding + d  # + final norm
+  total = active = embedding + layers.norm_params(cfg) + (v if cfg.head_bias else 0)
   for layer in range(unique_layers):
     t, a = _block(cfg, layer)
     total, active = total + t, active + a

@@ -7,7 +7,8 @@ sigmoid top-k gates, dropless, entropy_reg 0.01). Vocabulary 8000 (the paper's S
 model; with it the official profiles give exactly the paper's sizes). MoEUT-727M uses
 d_model 1280 as the paper's training sweep did (profiles.py says 1024, which gives 582M).
 Differences from the official model (counts differ by < 0.1%): RMSNorm instead of LayerNorm
-(no biases) and no lm_head bias.
+(no biases) and no lm_head bias. `norm_type="layer", head_bias=True` give the official model
+exactly (what `convert/moeut.py` sets when it imports an official state dict).
 
 UMoE (Yang et al. 2025; github.com/ysngki/UMoE model_libs/configs/1B-UMoE-1024): 24 layers,
 d_model 2048, 64 experts of width 512 (SiLU MLPs) shared by attention (top-3, low-rank queries of

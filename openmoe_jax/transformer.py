@@ -101,15 +101,14 @@ class Block(nnx.Module):
     if cfg.init_scheme == "moeut":
       sub_cfg, attn_scale, ffn_scale = moeut_init(cfg, is_moe)
     self.peri = cfg.norm_scheme == "peri"
-    self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
-    self.ffn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
+    self.attn_norm = layers.make_norm(cfg, rngs)
+    self.ffn_norm = layers.make_norm(cfg, rngs)
     self.attn = make_attention(sub_cfg, rngs, attn_scale)
     self.ffn = make_ffn(sub_cfg, is_moe, rngs, ffn_scale)
     # OpenMoE: every MoE layer also runs a dense MLP *after* the experts, with its own pre-norm
     # and residual (ModelConfig.extra ("moe_extra_mlp", "sequential"); see convert/openmoe.py).
     extra_mlp = is_moe and cfg.option("moe_extra_mlp") == "sequential"
-    self.extra_norm = (layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
-                       if extra_mlp else None)
+    self.extra_norm = layers.make_norm(cfg, rngs) if extra_mlp else None
     self.extra_mlp = layers.MLP(cfg, rngs, out_std_scale=out_scale) if extra_mlp else None
     self.dtype = layers.dtype_of(cfg.dtype)
 
@@ -239,10 +238,12 @@ class Transformer(nnx.Module):
                               else 1.0)
     self.segments = nnx.List([Segment(cfg, first, size, reps, shared, rngs)
                               for first, size, reps, shared in segment_plan(cfg)])
-    self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
+    self.final_norm = layers.make_norm(cfg, rngs)
     self.head_DV = None if cfg.tie_embeddings else layers.param(
         rngs, layers.normal(cfg.d_model ** -0.5), (cfg.d_model, cfg.vocab_size),
         (ax.EMBED, ax.VOCAB), cfg.param_dtype)
+    self.head_bias_V = layers.param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,),
+                                    (ax.VOCAB,), cfg.param_dtype) if cfg.head_bias else None
 
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, prefix_BL: jax.Array | None = None,
@@ -298,20 +299,27 @@ class Transformer(nnx.Module):
       return x_BLD, aux, new_cache
     return head_logits(cfg, x_BLD, self.head_weight()), aux, new_cache
 
-  def head_weight(self) -> jax.Array:
-    """The output projection's parameter: [D, V], or the tied embedding table [V, D]."""
-    return self.embed.embedding_VD[...] if self.head_DV is None else self.head_DV[...]
+  def head_weight(self) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The output projection's parameters: [D, V], or the tied embedding table [V, D]; with
+    cfg.head_bias the pair (that weight, bias [V])."""
+    weight = self.embed.embedding_VD[...] if self.head_DV is None else self.head_DV[...]
+    return weight if self.head_bias_V is None else (weight, self.head_bias_V[...])
 
 
 def head_logits(cfg: ModelConfig, x_BLD: jax.Array, weight: jax.Array) -> jax.Array:
   """Logits [B, L, V] in cfg.logits_dtype from final-normed hidden states and
   `Transformer.head_weight()` (a pure function, so it can run inside scan / checkpoint)."""
+  bias_V = None
+  if cfg.head_bias:
+    weight, bias_V = weight
   if cfg.tie_embeddings:
     # Embeddings are initialised with unit variance, so scale logits back to O(1).
     logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD * x_BLD.shape[-1] ** -0.5,
                             weight.astype(x_BLD.dtype))
   else:
     logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, weight.astype(x_BLD.dtype))
+  if bias_V is not None:
+    logits_BLV = logits_BLV + bias_V.astype(logits_BLV.dtype)
   return sharding.constrain(logits_BLV.astype(cfg.logits_dtype),
                             (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 

@@ -225,8 +225,8 @@ class UmoeBlock(nnx.Module):
       raise ValueError(f"UMoE is a pre-LN model; ModelConfig.norm_scheme={cfg.norm_scheme!r} "
                        "is not supported with attention='umoe'")
     self.u = cfg.umoe
-    self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
-    self.ffn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, rngs, cfg.param_dtype)
+    self.attn_norm = layers.make_norm(cfg, rngs)
+    self.ffn_norm = layers.make_norm(cfg, rngs)
     self.experts = Experts(cfg, rngs)
     self.attn = UmoeAttention(cfg, rngs)
     self.w_router_ffn_DE = (layers.param(rngs, layers.normal(cfg.init_std),
@@ -264,7 +264,7 @@ def param_count(cfg: ModelConfig) -> int:
   """Parameters of one UmoeBlock (for openmoe_jax.params)."""
   u, d = cfg.umoe, cfg.d_model
   e, f, q, r, s = u.num_experts, u.d_expert, u.qk_dim, u.q_lora_rank, u.num_shared_experts
-  n = 2 * d + e * 2 * d * f + d * e + d * q  # norms, experts, attention router, key
+  n = 2 * layers.norm_params(cfg) + e * 2 * d * f + d * e + d * q  # norms, experts, router, key
   n += 2 * d * s * f * (2 if s and u.separate_ffn_shared else 1)
   n += d * e if u.separate_ffn_router else 0
   if u.one_head:

@@ -130,6 +130,28 @@ def test_fused_objective_equals_whole_in_value_and_gradient(chunk, z_loss):
   np.testing.assert_allclose(np.asarray(g_f[1]), np.asarray(g_w[1]), rtol=1e-4, atol=1e-5)
 
 
+def test_fused_objective_takes_a_head_weight_pytree():
+  """A head with a bias ((weight, bias), `ModelConfig.head_bias`): both gradients match the
+  float64 reference (d bias = the sum of d logits over positions)."""
+  x, w, targets, weights = _head_problem()
+  bias = jax.random.normal(jax.random.key(7), (w.shape[1],)) * 0.5
+
+  def head(h, wb):
+    return h @ wb[0] + wb[1]
+
+  obj, _ = chunked_loss.fused_chunked_objective(head, x, (w, bias), targets, weights, 8)
+  g_x, (g_w, g_b) = jax.grad(lambda x, wb: chunked_loss.fused_chunked_objective(
+      head, x, wb, targets, weights, 8)[0], (0, 1))(x, (w, bias))
+  logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
+  want_loss, want_dlogits = _reference(logits, targets, weights, 0.0)
+  np.testing.assert_allclose(float(obj), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_b), want_dlogits.sum((0, 1)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_w), np.einsum("bld,blv->dv", np.asarray(x, np.float64),
+                                                        want_dlogits), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_x), want_dlogits @ np.asarray(w, np.float64).T,
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_fused_objective_runs_three_head_matmuls_per_chunk():
   """Forward logits, d hidden and d weight: no rematerialised fourth matmul, one max pass."""
   x, w, targets, weights = _head_problem(length=32)

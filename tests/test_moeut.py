@@ -40,6 +40,9 @@ def test_moeut_counts_match_official_profiles_and_paper(capsys):
     g, d, v = shape[7], shape[0], 8000
     # Ours uses RMSNorm (no LayerNorm biases) and an lm_head without bias: nothing else differs.
     assert official - ours["total"] == g * 2 * d + d + v, name
+    # As converted from the official code (convert/moeut.py): LayerNorms and a head bias.
+    exact = dataclasses.replace(cfg, norm_type="layer", head_bias=True)
+    assert params.count_params(exact)["total"] == official, name
     assert abs(ours["total"] / paper - 1) < 0.01, name  # paper sizes are rounded names
     rows.append(f"{name:11s} ours {ours['total'] / 1e6:8.2f}M  official code {official / 1e6:8.2f}M"
                 f"  paper {paper / 1e6:6.0f}M  active {ours['active'] / 1e6:7.2f}M")

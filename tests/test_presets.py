@@ -51,6 +51,12 @@ def test_counts_with_layer_sharing_and_tied_embeddings():
   assert params.count_params(cfg)["total"] == _built_counts(cfg)
 
 
+@pytest.mark.parametrize("name", ["tiny-openmoe", "moeut-tiny", "umoe-tiny"])
+def test_counts_with_layer_norms_and_head_bias(name):
+  cfg = dataclasses.replace(_with_vocab(presets.get(name)), norm_type="layer", head_bias=True)
+  assert params.count_params(cfg)["total"] == _built_counts(cfg)
+
+
 def test_published_totals(capsys):
   rows = []
   for name, (pub_total, pub_active, source) in presets.PUBLISHED.items():

@@ -119,17 +119,18 @@ def test_grad_accumulation_equals_big_batch():
   np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_loss_chunks_equal_one_pass_loss(tie):
+@pytest.mark.parametrize("tie, bias", [(False, False), (True, False), (False, True)])
+def test_loss_chunks_equal_one_pass_loss(tie, bias):
   """ModelConfig.loss_chunk_len runs the head + loss chunk by chunk (the fused form under a
   gradient): same gradients, training metrics and evaluation sums as the one-pass loss (tied
-  and untied heads, z-loss on)."""
+  and untied heads, a head with a bias (and LayerNorms), z-loss on)."""
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   batch = _random_batch(2, 16, seed=1)
   out = []
   for chunk in (0, 4):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32",
-                      tie_embeddings=tie, z_loss=1e-2, loss_chunk_len=chunk)
+                      tie_embeddings=tie, z_loss=1e-2, loss_chunk_len=chunk, head_bias=bias,
+                      norm_type="layer" if bias else "rms")
     setup = ts.make_setup(cfg, OptimConfig(warmup_steps=0), 10, 0, mesh,
                           sharding.RULES["data_parallel"])
     state = ts.init_state(setup, 0)
