@@ -2,7 +2,7 @@
 
   python launch/convert_checkpoint.py t5x /data/openmoe-base/checkpoint_500000 /work/om-base \
       --preset openmoe-base --vocab_path /data/umt5.spm
-  python launch/convert_checkpoint.py moeut moeut_244m.safetensors /work/moeut --preset <name>
+  python launch/convert_checkpoint.py moeut moeut_244m.safetensors /work/moeut --preset moeut-244m
   python launch/convert_checkpoint.py safetensors /work/om-base om-base.safetensors
 
 The workdir holds checkpoints/0 (parameters + a fresh optimizer state) and config.json:
@@ -32,7 +32,10 @@ def main(argv=None) -> int:
                       help="t5x: OpenMoE T5X dir; moeut: MoEUT state dict; safetensors: export")
   parser.add_argument("src", help="checkpoint_N dir / state dict file / our workdir")
   parser.add_argument("dst", help="new workdir (must not exist) / .safetensors file")
-  parser.add_argument("--preset", default="openmoe-base", choices=sorted(presets.PRESETS))
+  parser.add_argument("--preset", default="openmoe-base", choices=sorted(presets.PRESETS),
+                      help="the model the checkpoint holds (t5x: openmoe-*/openllama-*; moeut: "
+                           "the moeut-* profile it was trained with, which sets the top-k sizes "
+                           "and n_layers a state dict does not record)")
   parser.add_argument("--vocab_path", default=None, help="SentencePiece model for config.json")
   parser.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"),
                       help="optimizer whose fresh state is written (T5X Adafactor moments are "

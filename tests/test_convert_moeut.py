@@ -3,8 +3,10 @@ torch layouts) is converted into a workdir, and the loaded model's logits match 
 float64 numpy implementation of the official MoEUTLM forward written here from the raw arrays.
 Mismatches are refused by name and leave no output."""
 import dataclasses
+import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -13,6 +15,7 @@ from openmoe_jax import inference, presets
 from openmoe_jax.convert import moeut
 
 V, D, H, K, F, E, FF_K, ATT_K, G, N_LAYERS = 40, 16, 2, 10, 8, 6, 2, 2, 2, 4
+SMALL = dict(v=V, d=D, h=H, k=K, f=F, e=E, g=G)
 
 
 def _cfg(att_experts: int):
@@ -26,8 +29,10 @@ def _cfg(att_experts: int):
                                      selection_dtype="float32"))
 
 
-def official_state(att_experts: int, seed: int = 0) -> dict[str, np.ndarray]:
+def official_state(att_experts: int, seed: int = 0, v=V, d=D, h=H, k=K, f=F, e=E, g=G
+                   ) -> dict[str, np.ndarray]:
   """Random MoEUTLM parameters with the official names and torch shapes."""
+  V, D, H, K, F, E, G = v, d, h, k, f, e, g  # pylint: disable=invalid-name
   rng = np.random.default_rng(seed)
   w = lambda *shape, fan_in: rng.normal(size=shape) / np.sqrt(fan_in)
   s = {"embedding.weight": rng.normal(size=(V, D)), "lm_head.weight": w(V, D, fan_in=D),
@@ -173,6 +178,30 @@ def test_shape_mismatch_and_unused_parameters_are_refused(tmp_path):
     moeut.convert(path, str(tmp_path / "work"), dataclasses.replace(_cfg(3), n_shared_groups=4),
                   data_state={})
   assert not os.path.exists(tmp_path / "work")
+
+
+def test_command_line_converts_with_a_preset(tmp_path):
+  """launch/convert_checkpoint.py moeut SRC DST --preset moeut-tiny writes the same parameters
+  as the API (whose function is checked above), in a workdir `inference.load` samples from."""
+  spec = importlib.util.spec_from_file_location(
+      "convert_checkpoint", os.path.join(os.path.dirname(__file__), "..", "launch",
+                                         "convert_checkpoint.py"))
+  convert_checkpoint = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(convert_checkpoint)
+  cfg = presets.get("moeut-tiny")
+  state = official_state(cfg.switchhead.num_experts, v=64, d=cfg.d_model, h=cfg.n_heads,
+                         k=cfg.resolved_head_dim, f=cfg.moe.d_expert, e=cfg.moe.num_experts,
+                         g=cfg.n_shared_groups)
+  path = _write(tmp_path, state)
+  assert convert_checkpoint.main(["moeut", path, str(tmp_path / "cli"), "--preset",
+                                  "moeut-tiny"]) == 0
+  api, _ = moeut.convert(path, str(tmp_path / "api"), cfg, data_state={})
+  cli_session, api_session = inference.load(str(tmp_path / "cli")), inference.load(api)
+  for x, y in zip(jax.tree.leaves(cli_session.params), jax.tree.leaves(api_session.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  logits, _, _ = cli_session.model(tokens)
+  assert logits.shape == (1, 8, 64) and np.all(np.isfinite(np.asarray(logits)))
 
 
 @pytest.mark.parametrize("change, message", [
