@@ -2,9 +2,11 @@
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from openmoe_jax import attention
 from openmoe_jax.config import DataConfig
 from openmoe_jax.data import pipeline
 from openmoe_jax.data import ul2
@@ -107,17 +109,24 @@ def _check_packing_invariants(batches, vocab) -> int:
   return n_segments
 
 
-def test_implied_attention_mask_has_no_cross_segment_leak(ul2_batches):
-  b = ul2_batches[0]
-  for r in range(B):
-    seg, pre = b["decoder_segment_ids"][r], b["decoder_causal_attention"][r]
+def test_model_mask_on_pipeline_batches_leaks_no_target(ul2_batches):
+  """The model's attention mask (`attention.sequence_mask`) over the pipeline's UL2 batches: no
+  query sees another segment, and a query q that sees a later key k (a bidirectional prefix)
+  never sees the target of a loss-bearing position: positions q .. k-1 carry no loss weight,
+  since input k is the target of position k - 1."""
+  saw_prefix = False
+  for b in ul2_batches:
+    seg, pre = b["decoder_segment_ids"], b["decoder_causal_attention"]
+    mask_BLS = np.asarray(attention.sequence_mask(jnp.asarray(seg), jnp.asarray(pre)))
+    cum_w = np.concatenate([np.zeros((B, 1)), np.cumsum(b["decoder_loss_weights"], 1)], 1)
     q, k = np.arange(L)[:, None], np.arange(L)[None, :]
-    mask = (seg[:, None] == seg[None, :]) & (seg[:, None] > 0) & (
-        (k <= q) | ((pre[:, None] == 1) & (pre[None, :] == 1)))
-    # Bidirectional only inside a segment's prefix; nothing ever sees a later target token.
-    same_seg_prefix = (pre[:, None] == 1) & (pre[None, :] == 1) & (seg[:, None] == seg[None, :])
-    assert not np.any(mask & (k > q) & ~same_seg_prefix)
-    assert not np.any(mask & (seg[:, None] != seg[None, :]))
+    later = mask_BLS & (k > q)
+    saw_prefix |= bool(later.any())
+    assert not np.any(mask_BLS & (seg[:, :, None] != seg[:, None, :]))
+    assert not np.any(mask_BLS & (seg[:, :, None] == 0))
+    weight_between = cum_w[:, None, :L] - cum_w[:, :L, None]  # [B, q, k]: weights of q .. k-1
+    assert not np.any(later & (weight_between > 0))
+  assert saw_prefix  # the batches do hold bidirectional prefixes
 
 
 def test_packed_equals_unpacked_content(short_docs_config):

@@ -24,7 +24,9 @@ def _has_gmm() -> bool:
   return hasattr(gmm_lib, "gmm")
 
 
-BACKENDS = ["einsum", "ragged"] + (["gmm"] if _has_gmm() else [])
+# shard_map (expert parallelism) runs its single-device path here; sharded == unsharded is
+# tests/test_sharding.py and tests/test_expert_parallel.py.
+BACKENDS = ["einsum", "ragged"] + (["gmm"] if _has_gmm() else []) + ["shard_map"]
 
 
 def _cfg(dispatch="einsum", **moe_kw):
@@ -33,6 +35,8 @@ def _cfg(dispatch="einsum", **moe_kw):
   kw.update(moe_kw)
   if dispatch == "einsum":
     kw["dropless"] = False
+  if dispatch == "shard_map":  # dropless only (the reference then drops nothing either)
+    kw["dropless"] = True
   return ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=32, dtype="float32",
                      moe=MoeConfig(**kw))
 
@@ -130,12 +134,19 @@ def test_backends_agree_in_gradient(case):
   x, mask = _x_mask(1)
   ct = jax.random.normal(jax.random.key(3), x.shape)
   results = {d: _loss_and_grads(_cfg(d, **CASES[case]), x, mask, ct) for d in BACKENDS}
-  (v0, (gp0, gx0)) = results["einsum"]
-  for d in BACKENDS[1:]:
-    v, (gp, gx) = results[d]
+  # shard_map is dropless only: its peer is ragged with dropless=True (itself checked against the
+  # float64 reference above), not the capacity-dropping einsum.
+  peers = {d: "einsum" for d in BACKENDS[1:]}
+  if "shard_map" in results:
+    kw = {**CASES[case], "dropless": True}
+    results["ragged_dropless"] = _loss_and_grads(_cfg("ragged", **kw), x, mask, ct)
+    peers["shard_map"] = "ragged_dropless"
+  (_, (gp0, _)) = results["einsum"]
+  for d, peer in peers.items():
+    (v, (gp, gx)), (v0, (gp_ref, gx0)) = results[d], results[peer]
     np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx0), atol=1e-5)
-    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp0)):
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert float(jnp.abs(jax.tree.leaves(gp0)[0]).sum()) > 0
 

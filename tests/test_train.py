@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from openmoe_jax import metrics, sharding, train, train_step as ts
-from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig)
+from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, MoeConfig, OptimConfig,
+                                TrainConfig)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ModelConfig(vocab_size=0, d_model=64, n_layers=2, n_heads=4, d_ff=128, dtype="float32")
@@ -105,7 +106,13 @@ def _random_batch(b: int, length: int, seed: int, vocab: int = 64) -> dict[str, 
 
 
 def test_grad_accumulation_equals_big_batch():
-  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32")
+  """Two micro-batches give the big batch's gradient (its norm before clipping, so a wrongly
+  scaled sum would fail; AdamW's first step alone is almost scale-free), its loss and MoE
+  auxiliary loss (the router z-loss, a per-token mean; the load-balancing loss is a statistic
+  of the whole (micro-)batch, so it is off here), and the same parameters after the step."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dtype="float32",
+                    moe=MoeConfig(num_experts=4, top_k=2, load_balance_weight=0.0,
+                                  z_loss_weight=1e-3))
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   batch = _random_batch(4, 16, seed=0)
   out = []
@@ -116,7 +123,9 @@ def test_grad_accumulation_equals_big_batch():
     out.append((state["params"], m))
   for x, y in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
     np.testing.assert_allclose(x, y, atol=2e-6)
-  np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+  for key in ("loss", "grad_norm", "aux_loss"):
+    np.testing.assert_allclose(out[0][1][key], out[1][1][key], rtol=1e-5)
+  assert float(out[0][1]["aux_loss"]) > 0
 
 
 @pytest.mark.parametrize("tie, bias", [(False, False), (True, False), (False, True)])
