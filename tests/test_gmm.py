@@ -4,6 +4,8 @@ Interpret mode fills every output with NaN before the kernel runs (Pallas' unini
 value), so `isfinite(out)` is the poison test: every output element was written.
 """
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +251,52 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
   monkeypatch.setattr(tuning, "_MEMO", None)  # a fresh process reads the file
   assert tuning.lookup("pallas_gpu", "gmm", m=64, k=32, n=16, g=2, dtype=jnp.float32,
                        gather=False) == best
+
+
+def _as_card(monkeypatch, kind: str, capability: str) -> None:
+  monkeypatch.setattr(tuning, "_device_kind", lambda: kind)
+  monkeypatch.setattr(tuning, "_compute_capability", lambda: capability)
+
+
+def test_tuning_other_card_of_the_architecture_reads_the_reference_cards_tiles(tmp_path,
+                                                                               monkeypatch):
+  """An H200 with no entries of its own takes the H100's (exact, else nearest M / G); an entry
+  of its own for the same widths wins; another architecture (an A100) takes none of them."""
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "_MEMO", {})
+  kw = {"k": 1024, "n": 128, "dtype": jnp.bfloat16, "gather": False}
+  h100, h200 = Tiling(128, 128, 64, 8, 4, ring=2), Tiling(64, 128, 128, 4, 4)
+  tuning.store(tuning.key("pallas_mgpu", "gmm", m=131072, g=128, device="NVIDIA_H100_80GB_HBM3",
+                          **kw), h100)
+  _as_card(monkeypatch, "NVIDIA_H200", "9.0")
+  assert tuning.device_kinds() == ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3")
+  assert tuning.tuned("pallas_mgpu", "gmm", m=131072, g=128, **kw) == h100
+  assert tuning.tuned("pallas_mgpu", "gmm", m=1 << 20, g=387, **kw) == h100  # nearest
+  assert tuning.tuned("pallas_mgpu", "gmm", m=131072, g=128, **{**kw, "n": 256}) is None
+  tuning.store(tuning.key("pallas_mgpu", "gmm", m=4096, g=8, **kw), h200)  # this card's own
+  assert tuning.tuned("pallas_mgpu", "gmm", m=131072, g=128, **kw) == h200
+  _as_card(monkeypatch, "NVIDIA_A100-SXM4-80GB", "8.0")
+  assert tuning.device_kinds() == ("NVIDIA_A100-SXM4-80GB",)
+  assert tuning.tuned("pallas_mgpu", "gmm", m=131072, g=128, **kw) is None
+  _as_card(monkeypatch, "NVIDIA_H100_80GB_HBM3", "9.0")  # the reference card reads only its own
+  assert tuning.device_kinds() == ("NVIDIA_H100_80GB_HBM3",)
+
+
+def test_shipped_tiles_serve_every_hopper_card(tmp_path, monkeypatch):
+  """The shipped H100 entries (tuned.json) reach an H200 through the same lookup the model's
+  calls use: MoEUT-244M's gathered first layer gets its measured tile, not the default."""
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))  # an empty user cache
+  monkeypatch.setattr(tuning, "_MEMO", None)
+  shipped = json.loads((pathlib.Path(tuning.__file__).with_name("tuned.json")).read_text())
+  call = dict(m=1048576, k=1024, n=128, g=387, dtype=jnp.bfloat16, gather=True)
+  want = Tiling(**shipped["NVIDIA_H100_80GB_HBM3|pallas_gpu|gmm_t|m1048576|k1024|n128|g387|"
+                          "bfloat16|gather"])
+  plain = {k: v for k, v in call.items() if k != "gather"}
+  assert want != tuning.default_tiling("pallas_gpu", "gmm_t", **plain)  # the lookup matters
+  _as_card(monkeypatch, "NVIDIA_H200", "9.0")
+  assert tuning.lookup("pallas_gpu", "gmm_t", **call) == want
+  _as_card(monkeypatch, "cpu", "")
+  assert tuning.tuned("pallas_gpu", "gmm_t", **call) is None
 
 
 def test_tuning_lookup_uses_nearest_rows_and_groups(tmp_path, monkeypatch):

@@ -314,6 +314,26 @@ def test_auto_prefers_mgpu_on_hopper_where_a_tile_was_measured(monkeypatch, tmp_
   assert ops._routed(explicit, "gmm", gather=False, **call)[0].backend == "pallas_gpu"
 
 
+def test_auto_on_another_hopper_card_runs_mgpu_with_the_reference_cards_tile(monkeypatch,
+                                                                             tmp_path):
+  """An H200 with no tiles of its own: backend="auto" still sends a plain call with a tile
+  measured on the H100 to pallas_mgpu (without the fallback it stayed on pallas_gpu)."""
+  from openmoe_jax.kernels.gmm import ops, tuning  # noqa: PLC0415
+  monkeypatch.setenv("OPENMOE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "_MEMO", {})
+  monkeypatch.setattr(ops, "_hopper", lambda: True)
+  monkeypatch.setattr(ops, "resolve_backend", lambda b="auto": "pallas_gpu")
+  monkeypatch.setattr(tuning, "_device_kind", lambda: "NVIDIA_H200")
+  monkeypatch.setattr(tuning, "_compute_capability", lambda: "9.0")
+  ring = Tiling(128, 128, 64, 8, 4, ring=2)
+  tuning.store(tuning.key("pallas_mgpu", "gmm", m=4096, k=128, n=1024, g=40, dtype=jnp.bfloat16,
+                          gather=False, device="NVIDIA_H100_80GB_HBM3"), ring)
+  st = ops._static("auto", jnp.bfloat16, None, False)
+  routed, t = ops._routed(st, "gmm", m=8192, k=128, n=1024, g=64, dtype=jnp.bfloat16,
+                          gather=False)
+  assert (routed.backend, t) == ("pallas_mgpu", ring)
+
+
 def _np_glu(lhs, w_gate_up, gs, act):
   f = w_gate_up.shape[2] // 2
   h = _np_gmm(lhs, w_gate_up, gs)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -32,9 +33,33 @@ def _device_kind() -> str:
     return "unknown"
 
 
-def key(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool) -> str:
-  return (f"{_device_kind()}|{backend}|{op}|m{m}|k{k}|n{n}|g{g}|{jnp.dtype(dtype).name}"
-          f"|{'gather' if gather else 'plain'}")
+def _compute_capability() -> str:
+  try:
+    return str(getattr(jax.devices()[0], "compute_capability", "") or "")
+  except Exception:  # pragma: no cover - no devices at all
+    return ""
+
+
+# The shipped entries were measured on one card per architecture. A card of that architecture
+# with no entry of its own for a call (an H200, an H100 PCIe, a GH200) takes the reference
+# card's: same instructions and shared memory, so its tiles beat the generic defaults by far,
+# and without a measured tile `backend="auto"` would not run the Hopper kernel at all.
+ARCH_REFERENCE = {"9.0": "NVIDIA_H100_80GB_HBM3"}
+_BORROWED: set[str] = set()  # reference cards already announced in this process
+
+
+def device_kinds() -> tuple[str, ...]:
+  """The cache's device names to read, in order: this card's, then its architecture's
+  reference card's (when that is another card)."""
+  own, ref = _device_kind(), ARCH_REFERENCE.get(_compute_capability())
+  return (own,) if ref in (None, own) else (own, ref)
+
+
+def key(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool,
+        device: str | None = None) -> str:
+  """The cache key of one call on `device` (default: this card)."""
+  return (f"{device or _device_kind()}|{backend}|{op}|m{m}|k{k}|n{n}|g{g}|"
+          f"{jnp.dtype(dtype).name}|{'gather' if gather else 'plain'}")
 
 
 _SHIPPED = pathlib.Path(__file__).with_name("tuned.json")  # entries measured on the lent H100
@@ -118,10 +143,21 @@ def nearest(cache_key: str) -> dict | None:
 def tuned(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype,
           gather: bool) -> Tiling | None:
   """The measured tile for this call (exact entry, else the nearest of the same op, K, N and
-  dtype on this device kind), or None when nothing of that op and width was ever tuned."""
-  cache_key = key(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather)
-  entry = _load().get(cache_key) or nearest(cache_key)
-  return None if entry is None else Tiling(**entry)
+  dtype on this device kind, else the same two on the architecture's reference card), or None
+  when nothing of that op and width was ever tuned."""
+  kinds = device_kinds()
+  for device in kinds:
+    cache_key = key(backend, op, m=m, k=k, n=n, g=g, dtype=dtype, gather=gather, device=device)
+    entry = _load().get(cache_key) or nearest(cache_key)
+    if entry is None:
+      continue
+    if device != kinds[0] and device not in _BORROWED:
+      _BORROWED.add(device)
+      print(f"openmoe_jax.kernels: no grouped-matmul tiles measured on {kinds[0]}; using those "
+            f"of {device} (same architecture). `python -m openmoe_jax.bench.tune_model` "
+            "measures this card's own.", file=sys.stderr)
+    return Tiling(**entry)
+  return None
 
 
 def lookup(backend: str, op: str, *, m: int, k: int, n: int, g: int, dtype, gather: bool) -> Tiling:
