@@ -31,7 +31,7 @@ setup(
     install_requires=[
         "jax>=0.11,<0.12",
         "flax>=0.12,<0.13",
-        "optax>=0.2.4",
+        "optax>=0.2.5",  # optax.tree.norm
         "orbax-checkpoint>=0.11",
         "gin-config>=0.5",
         "seqio>=0.0.19",

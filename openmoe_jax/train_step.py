@@ -138,7 +138,7 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
                "rng": state["rng"]}
   metrics = {**losses.summarize(sums), "aux_loss": sums["aux_loss"] / n_micro,
              "z_loss": sums["z_loss_sum"] / total_weight,
-             "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
              "moe": aux}
   return new_state, metrics
 
