@@ -93,8 +93,12 @@ def restore_params(directory: str, abstract_params: Any, shardings: Any,
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params, shardings)
   flat = {f"params/{k}": v for k, v in flatten(target).items()}
+  # restore_args carry the target shardings: without them orbax falls back to the saved
+  # ones, which need not exist on this mesh (an evaluation on other devices than training's).
   restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.PyTreeRestore(item=flat, partial_restore=True)}))
+      STATE: ocp.args.PyTreeRestore(item=flat, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                        flat))}))
   manager.close()
   params = {k[len("params/"):]: v for k, v in restored[STATE].items() if k.startswith("params/")}
   return unflatten(params, abstract_params), int(step)

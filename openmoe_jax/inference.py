@@ -59,14 +59,17 @@ def load_config(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def load(workdir: str, step: int | None = None) -> Session:
-  """Restores the parameters of the latest (or given) checkpoint of a training workdir."""
+def model_and_data(config: dict[str, Any]) -> tuple[ModelConfig, DataConfig]:
+  """The ModelConfig and DataConfig of a workdir's config.json (as `load_config` reads it)."""
   from openmoe_jax import train  # pylint: disable=import-outside-toplevel
-  config = load_config(workdir)
-  model_cfg: ModelConfig = train.model_config_from_dict(config["model"])
   data_fields = dict(config["data"])
   data_fields["text_files"] = tuple(data_fields.get("text_files", ()))
-  data_cfg = DataConfig(**data_fields)
+  return train.model_config_from_dict(config["model"]), DataConfig(**data_fields)
+
+
+def load(workdir: str, step: int | None = None) -> Session:
+  """Restores the parameters of the latest (or given) checkpoint of a training workdir."""
+  model_cfg, data_cfg = model_and_data(load_config(workdir))
   abstract = nnx.eval_shape(lambda: ts.build_model(model_cfg, 0))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

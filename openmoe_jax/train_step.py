@@ -143,10 +143,11 @@ def train_step(setup: Setup, state: State, batch: Batch) -> tuple[State, dict[st
   return new_state, metrics
 
 
-def eval_step(setup: Setup, params: Any, batch: Batch) -> dict[str, jax.Array]:
-  """Weighted sums for one evaluation batch (deterministic routing, eval capacity)."""
-  sums, _ = _forward_sums(setup, params, batch, None, deterministic=True)
-  return sums
+def eval_step(setup: Setup, params: Any, batch: Batch, with_aux: bool = False) -> Any:
+  """Weighted sums for one evaluation batch (deterministic routing, eval capacity); with
+  `with_aux`, (sums, the model's MoE statistics)."""
+  sums, aux = _forward_sums(setup, params, batch, None, deterministic=True)
+  return (sums, aux) if with_aux else sums
 
 
 def batch_shardings(setup: Setup, batch_spec: dict[str, Any]) -> dict[str, NamedSharding]:
