@@ -12,6 +12,7 @@ weights, and nothing before the loss depends on them, so the model runs once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -29,7 +30,7 @@ from openmoe_jax import losses
 from openmoe_jax import metrics as metrics_lib
 from openmoe_jax import sharding
 from openmoe_jax import train_step as ts
-from openmoe_jax.config import MeshConfig, OptimConfig
+from openmoe_jax.config import DataConfig, MeshConfig, OptimConfig
 
 TOTAL = "all"
 LM = "LM"  # examples without a UL2 mode token (plain language-model data)
@@ -135,14 +136,17 @@ def _available_steps(directory: str) -> list[int]:
 
 
 def run(workdir: str, split: str = "validation", batches: int = 0, step: int | None = None,
-        batch_size: int = 0, mesh: MeshConfig | None = None, write: bool = True,
+        batch_size: int = 0, seq_len: int = 0, data: dict[str, Any] | None = None,
+        mesh: MeshConfig | None = None, write: bool = True,
         progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest (or `step`'s) checkpoint of `workdir` on `split`.
 
   batches: 0 = one full pass over the split (the last batch padded with empty rows), else
   its first N batches (the ones training evaluates on, for N = TrainConfig.eval_batches);
   more than one pass holds is an error.
-  batch_size: 0 = the run's TrainConfig.batch_size. mesh: None = the run's own MeshConfig.
+  batch_size, seq_len: 0 = the run's TrainConfig values. data: DataConfig fields to change
+  (evaluate on other text: {"mixture": "text_files_lm", "ul2": False, "text_files": (...)}).
+  mesh: None = the run's own MeshConfig.
   Returns {"step", "split", "batches", "results": {"all": {...}, "S": {...}, ...}, "moe"}.
   """
   from openmoe_jax import inference  # pylint: disable=import-outside-toplevel
@@ -157,10 +161,21 @@ def run(workdir: str, split: str = "validation", batches: int = 0, step: int | N
   if step is not None and step not in steps:
     raise ValueError(f"step={step} has no checkpoint in {directory}; saved steps: {steps}")
   model_cfg, data_cfg = inference.model_and_data(config)
+  if data:
+    unknown = set(data) - {f.name for f in dataclasses.fields(DataConfig)}
+    if unknown:
+      raise ValueError(f"data overrides {sorted(unknown)} are not DataConfig fields")
+    data_cfg = dataclasses.replace(data_cfg, **{
+        k: tuple(v) if k == "text_files" else v for k, v in data.items()})
+  if pipeline.vocab_size(data_cfg) > model_cfg.vocab_size:
+    raise ValueError(f"the data's vocabulary ({pipeline.vocab_size(data_cfg)} ids) is larger "
+                     f"than the model's ({model_cfg.vocab_size})")
   train_fields = config["train"]
   mesh_cfg = mesh if mesh is not None else MeshConfig(**config["mesh"])
   batch_size = batch_size or int(train_fields["batch_size"])
-  seq_len = int(train_fields["seq_len"])
+  seq_len = seq_len or int(train_fields["seq_len"])
+  if seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
   host, hosts = jax.process_index(), jax.process_count()
   device_mesh = sharding.make_mesh(mesh_cfg)
   sharding.check_batch(batch_size, device_mesh, hosts)
@@ -203,7 +218,7 @@ def run(workdir: str, split: str = "validation", batches: int = 0, step: int | N
     row = {k: float(v) for k, v in losses.summarize({k: s[i] for k, s in total.items()}).items()}
     if name == TOTAL or row["tokens"] > 0:
       results[name] = row
-  summary = {"step": restored, "split": split, "batches": n_done, "batch_size": batch_size,
+  summary = {"step": restored, "split": split, "mixture": data_cfg.mixture, "batches": n_done, "batch_size": batch_size,
              "seq_len": seq_len, "results": results,
              "moe": moe}
   if write and host == 0:
@@ -234,7 +249,8 @@ def _write(workdir: str, summary: dict[str, Any]) -> None:
 
 def format_table(summary: dict[str, Any]) -> str:
   """The results as a Markdown table, one row per group."""
-  lines = [f"step {summary['step']}, {summary['split']} split, {summary['batches']} batches "
+  lines = [f"step {summary['step']}, {summary['mixture']} {summary['split']} split, "
+           f"{summary['batches']} batches "
            f"of {summary['batch_size']} x {summary['seq_len']}",
            "| group | tokens | loss | perplexity | accuracy |", "| --- | --- | --- | --- | --- |"]
   for name, r in summary["results"].items():

@@ -47,12 +47,12 @@ def _reference_groups(batch, prefixes):
   return names
 
 
-def _float64_reference(workdir, n_batches):
+def _float64_reference(workdir, n_batches, data=None, seq_len=SEQ):
   """Per-group (loss sum, correct sum, tokens) from the model's logits in float64 numpy."""
   session = inference.load(workdir)
-  model, data = session.model, session.data
+  model, data = session.model, data or session.data
   prefixes = evaluation.mode_prefixes(pipeline.get_vocabulary(data))
-  it = pipeline.make_iterator(data, "validation", BATCH, SEQ, data.seed)
+  it = pipeline.make_iterator(data, "validation", BATCH, seq_len, data.seed)
   out = {}
   for _ in range(n_batches):
     batch = next(it)
@@ -113,6 +113,23 @@ def test_full_pass_covers_the_split_and_is_written(workdir):
   logged = [r for r in metrics.read_jsonl(path) if "eval_validation/loss" in r]
   assert logged[-1]["step"] == 3
   assert logged[-1]["eval_validation/S/loss"] == res["S"]["loss"]
+
+
+def test_other_data_and_length(workdir):
+  """Plain-LM examples at another length: one group, against the float64 reference."""
+  path, _ = workdir
+  summary = evaluation.run(path, batches=2, seq_len=64, data={"mixture": "stdlib_lm", "ul2": False},
+                           write=False, progress=False)
+  assert summary["mixture"] == "stdlib_lm" and summary["seq_len"] == 64
+  assert list(summary["results"]) == ["all"]
+  ref = _float64_reference(path, 2, DataConfig(mixture="stdlib_lm", ul2=False), 64)["all"]
+  row = summary["results"]["all"]
+  assert row["tokens"] == ref[2] > 0
+  np.testing.assert_allclose(row["loss"], ref[0] / ref[2], rtol=2e-6)
+  with pytest.raises(ValueError, match="not DataConfig fields"):
+    evaluation.run(path, data={"mixtures": "x"})
+  with pytest.raises(ValueError, match="max_seq_len"):
+    evaluation.run(path, seq_len=4096)
 
 
 def test_denoiser_groups_by_mode_prefix():
