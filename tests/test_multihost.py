@@ -58,16 +58,59 @@ def _worker(workdir: str) -> None:
     json.dump({"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}, f)
 
 
-def test_two_processes_match_one_and_checkpoint_restores(tmp_path):
+def _eval_worker(workdir: str) -> None:
+  """One host of a full-pass evaluation: its shard of the validation split; the hosts' shards
+  end after different numbers of batches."""
+  from openmoe_jax import distributed  # pylint: disable=import-outside-toplevel
+  assert distributed.initialize()
+  import jax  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from openmoe_jax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  summary = evaluation.run(workdir, batches=0, mesh=MeshConfig(), write=False, progress=False)
+  with open(os.path.join(workdir, f"eval{jax.process_index()}.json"), "w",
+            encoding="utf-8") as f:
+    json.dump(summary, f)
+
+
+def _run_two_hosts(tmp_path, *args) -> None:
   env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
          "JAX_NUM_PROCESSES": "2", "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)],
+  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), *args],
                             env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=240)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+
+def test_full_pass_evaluation_on_two_hosts_covers_both_shards(tmp_path):
+  from openmoe_jax import train  # pylint: disable=import-outside-toplevel
+  from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig,  # pylint: disable=import-outside-toplevel
+                                  OptimConfig, TrainConfig)
+  from openmoe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  train.run(str(workdir), model=ModelConfig(vocab_size=0, d_model=32, n_layers=1, n_heads=2,
+                                            d_ff=64, dtype="float32"),
+            data=DataConfig(), optim=OptimConfig(), mesh=MeshConfig(num_devices=1),
+            train=TrainConfig(steps=1, batch_size=8, seq_len=128, eval_batches=1,
+                              sample_tokens=0), progress=False)
+  _run_two_hosts(workdir, "eval")
+  got = [json.loads((workdir / f"eval{i}.json").read_text()) for i in range(2)]
+  assert got[0] == got[1]
+  # Each host reads 4 rows a batch from its shard; the shorter shard pads with empty batches.
+  counts = []
+  for shard in range(2):
+    it = pipeline.make_iterator(DataConfig(), "validation", 4, 128, 0, shard_index=shard,
+                                num_shards=2, num_epochs=1)
+    counts.append([float(b["decoder_loss_weights"].sum()) for b in it])
+  assert len(counts[0]) != len(counts[1])  # the padding path runs
+  assert got[0]["batches"] == max(map(len, counts))
+  assert got[0]["results"]["all"]["tokens"] == sum(map(sum, counts))
+
+
+def test_two_processes_match_one_and_checkpoint_restores(tmp_path):
+  _run_two_hosts(tmp_path)
   got = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
   assert got[0] == got[1]
 
@@ -111,4 +154,4 @@ def test_two_processes_match_one_and_checkpoint_restores(tmp_path):
 
 
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  (_eval_worker if sys.argv[2:] == ["eval"] else _worker)(sys.argv[1])
