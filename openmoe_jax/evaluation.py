@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,62 @@ def jit_grouped_eval(setup: ts.Setup, batch_spec: dict[str, Any]):
                  out_shardings=replicated)
 
 
+class Evaluator:
+  """Loss sums in total and per UL2 denoiser over batches, for one Setup (compiled at the
+  first batch). Used by `run` and by the training loop's periodic evaluation."""
+
+  def __init__(self, setup: ts.Setup, data_cfg: DataConfig):
+    from openmoe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    self.setup = setup
+    self.names = group_names(data_cfg.ul2)
+    self.prefixes = mode_prefixes(pipeline.get_vocabulary(data_cfg)) if self.names else {}
+    self._step_fn = None
+
+  def __call__(self, params: Any, batches: Iterable[dict[str, np.ndarray]],
+               bar: Any = None) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
+    """(results per group, "all" first; MoE statistics; number of batches) of this host's
+    `batches` (numpy, host-local rows), every host calling with as many batches."""
+    mesh = self.setup.mesh
+    total = aux_total = None
+    n_done = 0
+    for batch in batches:
+      group_BL = denoiser_groups(batch, self.prefixes, self.names) if self.names else None
+      weights = group_weights(batch, group_BL, len(self.names))
+      global_batch = {k: jax.make_array_from_process_local_data(
+          sharding.batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+      global_weights = jax.make_array_from_process_local_data(_weights_sharding(self.setup),
+                                                              weights)
+      if self._step_fn is None:
+        self._step_fn = jit_grouped_eval(self.setup, global_batch)
+      sums, aux = self._step_fn(params, global_batch, global_weights)
+      # Summed on the device: no host sync per batch. The MoE summary is linear in `aux`.
+      total, aux_total = ((sums, aux) if total is None else
+                          jax.tree.map(jnp.add, (total, aux_total), (sums, aux)))
+      n_done += 1
+      if bar is not None:
+        bar.update(1)
+    if total is None:
+      raise ValueError("no batch to evaluate")
+    total = jax.device_get(total)
+    moe = metrics_lib.moe_summary(jax.tree.map(lambda a: a / n_done, aux_total))[0]
+    results = {}
+    for i, name in enumerate((TOTAL, *self.names)):
+      row = {k: float(v) for k, v in
+             losses.summarize({k: s[i] for k, s in total.items()}).items()}
+      if name == TOTAL or row["tokens"] > 0:
+        results[name] = row
+    return results, moe, n_done
+
+
+def flat_scalars(results: dict[str, dict[str, float]], moe: dict[str, float]) -> dict[str, float]:
+  """{"loss": ..., "S/loss": ..., "moe/...": ...}: the total unprefixed, groups by name."""
+  scalars = {}
+  for name, row in results.items():
+    for k, v in row.items():
+      scalars[k if name == TOTAL else f"{name}/{k}"] = v
+  return {**scalars, **moe}
+
+
 def _batches(it: Iterator[dict[str, np.ndarray]], n_batches: int, hosts: int,
              ) -> Iterator[dict[str, np.ndarray]]:
   """`n_batches` batches (0: until the split ends). With several hosts, a host whose shard
@@ -188,39 +244,14 @@ def run(workdir: str, split: str = "validation", batches: int = 0, step: int | N
 
   it = pipeline.make_iterator(data_cfg, split, batch_size // hosts, seq_len, data_cfg.seed,
                               shard_index=host, num_shards=hosts, num_epochs=1)
-  names = group_names(data_cfg.ul2)
-  prefixes = mode_prefixes(pipeline.get_vocabulary(data_cfg)) if names else {}
-  total = aux_total = step_fn = None
-  n_done = 0
   bar = tqdm(total=batches or None, disable=not progress or host != 0, unit="batch",
              dynamic_ncols=True, desc=f"eval {split}")
-  for batch in _batches(it, batches, hosts):
-    group_BL = denoiser_groups(batch, prefixes, names) if names else None
-    weights = group_weights(batch, group_BL, len(names))
-    global_batch = {k: jax.make_array_from_process_local_data(
-        sharding.batch_sharding(setup.mesh, v.ndim), v) for k, v in batch.items()}
-    global_weights = jax.make_array_from_process_local_data(_weights_sharding(setup), weights)
-    if step_fn is None:
-      step_fn = jit_grouped_eval(setup, global_batch)
-    sums, aux = step_fn(params, global_batch, global_weights)
-    # Summed on the device: no host sync per batch. The MoE summary is linear in `aux`.
-    total, aux_total = ((sums, aux) if total is None else
-                        jax.tree.map(jnp.add, (total, aux_total), (sums, aux)))
-    n_done += 1
-    bar.update(1)
-  bar.close()
-  if total is None:
-    raise ValueError(f"the {split!r} split of {data_cfg.mixture!r} gave no batch")
-  total = jax.device_get(total)
-  moe = metrics_lib.moe_summary(jax.tree.map(lambda a: a / n_done, aux_total))[0]
-  results = {}
-  for i, name in enumerate((TOTAL, *names)):
-    row = {k: float(v) for k, v in losses.summarize({k: s[i] for k, s in total.items()}).items()}
-    if name == TOTAL or row["tokens"] > 0:
-      results[name] = row
-  summary = {"step": restored, "split": split, "mixture": data_cfg.mixture, "batches": n_done, "batch_size": batch_size,
-             "seq_len": seq_len, "results": results,
-             "moe": moe}
+  try:
+    results, moe, n_done = Evaluator(setup, data_cfg)(params, _batches(it, batches, hosts), bar)
+  finally:
+    bar.close()
+  summary = {"step": restored, "split": split, "mixture": data_cfg.mixture, "batches": n_done,
+             "batch_size": batch_size, "seq_len": seq_len, "results": results, "moe": moe}
   if write and host == 0:
     _write(workdir, summary)
   return summary
@@ -237,12 +268,8 @@ def _write(workdir: str, summary: dict[str, Any]) -> None:
   os.replace(tmp, path)
   writer = metrics_lib.Writer(workdir)
   try:
-    scalars = {}
-    for name, row in summary["results"].items():
-      for k, v in row.items():
-        scalars[k if name == TOTAL else f"{name}/{k}"] = v
-    scalars.update(summary["moe"])
-    writer.scalars(summary["step"], scalars, prefix=f"eval_{summary['split']}")
+    writer.scalars(summary["step"], flat_scalars(summary["results"], summary["moe"]),
+                   prefix=f"eval_{summary['split']}")
   finally:
     writer.close()
 

@@ -6,6 +6,7 @@ and the data pipeline built before the workdir is touched.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -14,13 +15,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from openmoe_jax import checkpoint as ckpt_lib
 from openmoe_jax import chunked_loss
-from openmoe_jax import losses
+from openmoe_jax import evaluation
 from openmoe_jax import metrics as metrics_lib
 from openmoe_jax import sharding
 from openmoe_jax import train_step as ts
@@ -86,15 +86,13 @@ def _to_global(batch: dict[str, np.ndarray], setup: ts.Setup) -> dict[str, jax.A
       sharding.batch_sharding(setup.mesh, v.ndim), v) for k, v in batch.items()}
 
 
-def evaluate(setup: ts.Setup, eval_fn: Any, params: Any, eval_it: Any,
+def evaluate(evaluator: evaluation.Evaluator, params: Any, eval_it: Any,
              start_state: dict[str, Any], n_batches: int) -> dict[str, float]:
-  """Loss / perplexity / accuracy over the same `n_batches` validation batches every time."""
+  """Loss / perplexity / accuracy (in total and per UL2 denoiser, "S/loss") and the MoE
+  statistics over the same `n_batches` validation batches every time."""
   eval_it.set_state(start_state)
-  total = None
-  for _ in range(n_batches):
-    sums = eval_fn(params, _to_global(next(eval_it), setup))
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return {k: float(v) for k, v in losses.summarize(total).items()}
+  results, moe, _ = evaluator(params, itertools.islice(eval_it, n_batches))
+  return evaluation.flat_scalars(results, moe)
 
 
 def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = DataConfig(),
@@ -152,7 +150,8 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     state, data_state = ckpt.restore(abstract, setup.state_shardings, start)
     train_it.set_state(data_state)
   writer = metrics_lib.Writer(workdir, enabled=host == 0)
-  step_fn = eval_fn = None
+  step_fn = None
+  evaluator = evaluation.Evaluator(setup, data)
   tokens_per_step = train.batch_size * train.seq_len
   bar = tqdm(total=train.steps, initial=start, disable=not progress or host != 0,
              unit="step", dynamic_ncols=True, desc="train")
@@ -180,7 +179,6 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
       batch = _to_global(next(train_it), setup)
       if step_fn is None:
         step_fn = ts.jit_train_step(setup, batch)
-        eval_fn = ts.jit_eval_step(setup, batch)
       state, step_metrics = step_fn(state, batch)
       step += 1
       if pending is not None:
@@ -194,8 +192,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
       bar.update(1)
       last_time = now
       if train.eval_every and step % train.eval_every == 0 and step < train.steps:
-        result = evaluate(setup, eval_fn, state["params"], eval_it, eval_start,
-                          train.eval_batches)
+        result = evaluate(evaluator, state["params"], eval_it, eval_start, train.eval_batches)
         writer.scalars(step, result, prefix="eval")
       if train.checkpoint_every and step % train.checkpoint_every == 0:
         summary["train"] = drain(pending)  # never checkpoint a non-finite state
@@ -220,9 +217,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
   if step >= train.steps:
     if ckpt.latest_step() != step:
       ckpt.save(step, state, train_it.get_state(), force=True)
-    if eval_fn is None:  # resumed from the final checkpoint: no step ran in this process
-      eval_fn = ts.jit_eval_step(setup, _to_global(next(eval_it), setup))
-    summary["eval"] = evaluate(setup, eval_fn, state["params"], eval_it, eval_start,
+    summary["eval"] = evaluate(evaluator, state["params"], eval_it, eval_start,
                                train.eval_batches)
     writer.scalars(step, summary["eval"], prefix="eval")
     if train.sample_tokens:

@@ -165,14 +165,3 @@ def jit_train_step(setup: Setup, batch_spec: dict[str, Any]) -> Callable[[State,
   return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings(setup, batch_spec)),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
-
-def jit_eval_step(setup: Setup, batch_spec: dict[str, Any]) -> Callable[[Any, Batch], Any]:
-  replicated = NamedSharding(setup.mesh, P())
-
-  def step(params, batch):
-    with sharding.activate(setup.mesh, setup.rules):
-      return eval_step(setup, params, batch)
-
-  return jax.jit(step, in_shardings=(setup.state_shardings["params"],
-                                     batch_shardings(setup, batch_spec)),
-                 out_shardings=replicated)

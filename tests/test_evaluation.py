@@ -82,6 +82,10 @@ def test_matches_training_eval_and_float64_reference(workdir):
   # The training loop's end-of-run evaluation covers the same batches.
   np.testing.assert_allclose(res["all"]["loss"], train_eval["loss"], rtol=1e-6)
   assert res["all"]["tokens"] == train_eval["tokens"]
+  for name in ("S", "R", "X"):  # training logs the per-denoiser losses too
+    np.testing.assert_allclose(res[name]["loss"], train_eval[f"{name}/loss"], rtol=1e-6)
+  logged = [r for r in metrics.read_jsonl(path) if "eval/S/loss" in r]
+  assert logged and logged[-1]["step"] == 6 and "eval/moe/dropped_fraction" in logged[-1]
   ref = _float64_reference(path, EVAL_BATCHES)
   assert set(res) == {k for k, v in ref.items() if v[2] > 0}
   assert {"S", "R", "X"} <= set(res)  # all three UL2 denoiser kinds are in two batches
