@@ -6,6 +6,7 @@ Tensor names carry their shape as a suffix (`x_BLD`, `w_in_EDF`), with these let
   F FFN hidden       H query heads         N kv heads            K head dim
   V vocabulary       E experts             C expert capacity     G routing groups
   T tokens (B*L)     M rows of a grouped matmul                  R repeats / stacked layers
+  J evaluation groups (the total, then each UL2 denoiser kind; openmoe_jax.evaluation)
 
 Parameters carry *logical* axis names (below) at creation; `openmoe_jax.sharding` maps them to
 mesh axes through a short rule table. Mesh axis names appear only in sharding.py and gin presets.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -77,28 +77,28 @@ def denoiser_groups(batch: dict[str, np.ndarray], prefixes: dict[str, tuple[int,
 
 def group_weights(batch: dict[str, np.ndarray], group_BL: np.ndarray | None,
                   num_groups: int) -> np.ndarray:
-  """float32[1 + G, B, L]: the loss weights in total, then masked to each group."""
+  """float32[J, B, L]: the loss weights in total, then masked to each of the G groups."""
   weights_BL = batch["decoder_loss_weights"].astype(np.float32)
   if group_BL is None:
     return weights_BL[None]
-  masks_GBL = group_BL[None] == np.arange(num_groups, dtype=np.int32)[:, None, None]
-  return np.concatenate([weights_BL[None], weights_BL[None] * masks_GBL])
+  masks_JBL = group_BL[None] == np.arange(num_groups, dtype=np.int32)[:, None, None]
+  return np.concatenate([weights_BL[None], weights_BL[None] * masks_JBL])
 
 
 def _weights_sharding(setup: ts.Setup) -> NamedSharding:
   return NamedSharding(setup.mesh, P(None, sharding.BATCH_MESH_AXES, None))
 
 
-def jit_grouped_eval(setup: ts.Setup, batch_spec: dict[str, Any]):
-  """(params, batch, weights_SBL) -> (loss sums with a leading [S] axis, MoE aux)."""
+def jit_grouped_eval(setup: ts.Setup, batch_spec: dict[str, Any]) -> Callable[..., Any]:
+  """(params, batch, weights_JBL) -> (loss sums with a leading [J] axis, MoE aux)."""
   replicated = NamedSharding(setup.mesh, P())
 
-  def step(params, batch, weights_SBL):
+  def step(params, batch, weights_JBL):
     with sharding.activate(setup.mesh, setup.rules):
       def one(weights_BL):
         return ts.eval_step(setup, params, {**batch, "decoder_loss_weights": weights_BL},
                             with_aux=True)
-      return jax.vmap(one, out_axes=(0, None))(weights_SBL)
+      return jax.vmap(one, out_axes=(0, None))(weights_JBL)
 
   return jax.jit(step, in_shardings=(setup.state_shardings["params"],
                                      ts.batch_shardings(setup, batch_spec),

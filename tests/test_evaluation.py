@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from openmoe_jax import evaluation, inference, metrics, train
-from openmoe_jax.config import DataConfig, MeshConfig, ModelConfig, MoeConfig, OptimConfig, TrainConfig
+from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, MoeConfig, OptimConfig,
+                                TrainConfig)
 from openmoe_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +184,8 @@ def test_parameters_restore_into_another_mesh(workdir):
   """Trained on 2 devices, restored into a data-parallel mesh of 8 with the shardings asked for."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from openmoe_jax import checkpoint, sharding, train_step as ts  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import train_step as ts  # pylint: disable=import-outside-toplevel
   path, _ = workdir
   model_cfg, _ = inference.model_and_data(inference.load_config(path))
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, rules="fsdp"))

@@ -86,8 +86,8 @@ def _run_two_hosts(tmp_path, *args) -> None:
 
 def test_full_pass_evaluation_on_two_hosts_covers_both_shards(tmp_path):
   from openmoe_jax import train  # pylint: disable=import-outside-toplevel
-  from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig,  # pylint: disable=import-outside-toplevel
-                                  OptimConfig, TrainConfig)
+  # pylint: disable-next=import-outside-toplevel
+  from openmoe_jax.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
   from openmoe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "run"
   train.run(str(workdir), model=ModelConfig(vocab_size=0, d_model=32, n_layers=1, n_heads=2,
