@@ -47,14 +47,15 @@ def _merge(a: jax.Array) -> jax.Array:
   return jnp.swapaxes(a, 0, 1).reshape(b, n * c, *a.shape[3:])
 
 
-def _zero_sums() -> dict[str, jax.Array]:
-  return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+def _zero_sums(shape: tuple[int, ...] = ()) -> dict[str, jax.Array]:
+  return {k: jnp.zeros(shape, jnp.float32) for k in SUM_KEYS}
 
 
 def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
                           targets_BL: jax.Array, weights_BL: jax.Array, chunk_len: int,
                           z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """`losses.cross_entropy(logits_fn(x_BLD), ...)` over chunks of `chunk_len` positions.
+  """`losses.cross_entropy(logits_fn(x_BLD), ...)` over chunks of `chunk_len` positions
+  (weights [B, L] or [B, L, J], as there).
 
   Each chunk is rematerialised in the backward (`jax.checkpoint` keeping only the named
   per-token log-partition), so one [B, chunk_len, V] block of logits exists at a time.
@@ -73,7 +74,7 @@ def chunked_cross_entropy(x_BLD: jax.Array, logits_fn: Callable[[jax.Array], jax
   def body(acc, chunk):
     return jax.tree.map(jnp.add, acc, chunk_sums(*chunk)), None
 
-  sums, _ = jax.lax.scan(body, _zero_sums(),
+  sums, _ = jax.lax.scan(body, _zero_sums(weights_BL.shape[2:]),
                          (_split(x_BLD, n), _split(targets_BL, n), _split(weights_BL, n)))
   return sums
 

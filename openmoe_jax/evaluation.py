@@ -7,8 +7,8 @@ apart by the mode token each example starts with), plus the MoE routing statisti
 evaluation capacity. Results go to `<workdir>/eval/<split>_step<N>.json`, TensorBoard and
 metrics.jsonl (prefix `eval_<split>`).
 
-The per-denoiser sums cost one forward: the loss is vmapped over a stack of masked loss
-weights, and nothing before the loss depends on them, so the model runs once.
+The per-denoiser sums cost one forward: the loss weights are [B, L, J] (the total and one
+masked copy per group), and the loss reduces every per-token value against all J at once.
 """
 from __future__ import annotations
 
@@ -77,32 +77,27 @@ def denoiser_groups(batch: dict[str, np.ndarray], prefixes: dict[str, tuple[int,
 
 def group_weights(batch: dict[str, np.ndarray], group_BL: np.ndarray | None,
                   num_groups: int) -> np.ndarray:
-  """float32[J, B, L]: the loss weights in total, then masked to each of the G groups."""
+  """float32[B, L, J]: the loss weights in total, then masked to each of the G groups."""
   weights_BL = batch["decoder_loss_weights"].astype(np.float32)
   if group_BL is None:
-    return weights_BL[None]
-  masks_JBL = group_BL[None] == np.arange(num_groups, dtype=np.int32)[:, None, None]
-  return np.concatenate([weights_BL[None], weights_BL[None] * masks_JBL])
-
-
-def _weights_sharding(setup: ts.Setup) -> NamedSharding:
-  return NamedSharding(setup.mesh, P(None, sharding.BATCH_MESH_AXES, None))
+    return weights_BL[..., None]
+  masks_BLG = group_BL[..., None] == np.arange(num_groups, dtype=np.int32)
+  return np.concatenate([weights_BL[..., None], weights_BL[..., None] * masks_BLG], axis=-1)
 
 
 def jit_grouped_eval(setup: ts.Setup, batch_spec: dict[str, Any]) -> Callable[..., Any]:
-  """(params, batch, weights_JBL) -> (loss sums with a leading [J] axis, MoE aux)."""
+  """(params, batch with [B, L, J] loss weights) -> (loss sums of shape [J], MoE aux).
+
+  `losses.cross_entropy` reduces each per-token value against the J weightings at once, so
+  the model and the head run once for all groups."""
   replicated = NamedSharding(setup.mesh, P())
 
-  def step(params, batch, weights_JBL):
+  def step(params, batch):
     with sharding.activate(setup.mesh, setup.rules):
-      def one(weights_BL):
-        return ts.eval_step(setup, params, {**batch, "decoder_loss_weights": weights_BL},
-                            with_aux=True)
-      return jax.vmap(one, out_axes=(0, None))(weights_JBL)
+      return ts.eval_step(setup, params, batch, with_aux=True)
 
   return jax.jit(step, in_shardings=(setup.state_shardings["params"],
-                                     ts.batch_shardings(setup, batch_spec),
-                                     _weights_sharding(setup)),
+                                     ts.batch_shardings(setup, batch_spec)),
                  out_shardings=replicated)
 
 
@@ -126,14 +121,12 @@ class Evaluator:
     n_done = 0
     for batch in batches:
       group_BL = denoiser_groups(batch, self.prefixes, self.names) if self.names else None
-      weights = group_weights(batch, group_BL, len(self.names))
+      batch = {**batch, "decoder_loss_weights": group_weights(batch, group_BL, len(self.names))}
       global_batch = {k: jax.make_array_from_process_local_data(
           sharding.batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
-      global_weights = jax.make_array_from_process_local_data(_weights_sharding(self.setup),
-                                                              weights)
       if self._step_fn is None:
         self._step_fn = jit_grouped_eval(self.setup, global_batch)
-      sums, aux = self._step_fn(params, global_batch, global_weights)
+      sums, aux = self._step_fn(params, global_batch)
       # Summed on the device: no host sync per batch. The MoE summary is linear in `aux`.
       total, aux_total = ((sums, aux) if total is None else
                           jax.tree.map(jnp.add, (total, aux_total), (sums, aux)))
@@ -146,8 +139,8 @@ class Evaluator:
     moe = metrics_lib.moe_summary(jax.tree.map(lambda a: a / n_done, aux_total))[0]
     results = {}
     for i, name in enumerate((TOTAL, *self.names)):
-      row = {k: float(v) for k, v in
-             losses.summarize({k: s[i] for k, s in total.items()}).items()}
+      group_sums = {k: total[k][i] for k in ("loss_sum", "correct_sum", "weight_sum")}
+      row = {k: float(v) for k, v in losses.summarize(group_sums).items()}
       if name == TOTAL or row["tokens"] > 0:
         results[name] = row
     return results, moe, n_done

@@ -43,11 +43,13 @@ def _log_z_bwd(res, cts):
 _log_z_and_target.defvjp(_log_z_fwd, _log_z_bwd)
 
 
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights: jax.Array,
                   z_loss: float = 0.0) -> dict[str, jax.Array]:
   """Weighted sums (not means) so that micro-batches and hosts can be added before dividing.
 
-  Returns {"loss_sum", "z_loss_sum", "correct_sum", "weight_sum"} as float32 scalars.
+  Returns {"loss_sum", "z_loss_sum", "correct_sum", "weight_sum"} as float32 scalars; with
+  weights [B, L, J] (J weightings of the same tokens, e.g. evaluation groups), as [J] vectors
+  from the same per-token values.
   Logits may be bfloat16 (ModelConfig.logits_dtype): every reduction upcasts on the fly, so
   no float32 copy of the [B, L, V] logits is written. The logits' gradient is one elementwise
   pass in their dtype (`_log_z_bwd`).
@@ -57,7 +59,12 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
   bf16 logits tie often). The max pass is a plain reduction and the tie count joins the
   exp-sum pass: a variadic (max, argmax) reduction cost 10-25 ms per step at V = 256k.
   """
-  weights_BL = weights_BL.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)  # [B, L] or [B, L, J]
+  extra = weights.ndim - 2
+
+  def weighted_sum(x_BL: jax.Array) -> jax.Array:
+    return jnp.sum(x_BL.reshape(x_BL.shape + (1,) * extra) * weights, axis=(0, 1))
+
   max_BL = jnp.max(jax.lax.stop_gradient(logits_BLV), axis=-1).astype(jnp.float32)
   log_z_BL, target_logit_BL = _log_z_and_target(logits_BLV, targets_BL.astype(jnp.int32),
                                                  max_BL)
@@ -66,10 +73,10 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
   correct_BL = jnp.where(target_logit_BL >= max_BL, 1.0 / jnp.maximum(ties_BL, 1.0), 0.0)
   nll_BL = log_z_BL - target_logit_BL
   return {
-      "loss_sum": jnp.sum(nll_BL * weights_BL),
-      "z_loss_sum": z_loss * jnp.sum(jnp.square(log_z_BL) * weights_BL),
-      "correct_sum": jnp.sum(jax.lax.stop_gradient(correct_BL) * weights_BL),
-      "weight_sum": jnp.sum(weights_BL),
+      "loss_sum": weighted_sum(nll_BL),
+      "z_loss_sum": z_loss * weighted_sum(jnp.square(log_z_BL)),
+      "correct_sum": weighted_sum(jax.lax.stop_gradient(correct_BL)),
+      "weight_sum": jnp.sum(weights, axis=(0, 1)),
   }
 
 

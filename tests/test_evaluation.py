@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from openmoe_jax import evaluation, inference, metrics, train
+from openmoe_jax import evaluation, inference, losses, metrics, train
 from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, MoeConfig, OptimConfig,
                                 TrainConfig)
 from openmoe_jax.data import pipeline
@@ -151,8 +151,9 @@ def test_denoiser_groups_by_mode_prefix():
   real = batch["decoder_segment_ids"] > 0
   assert all(names[g] == r for g, r in zip(got[real], ref[real]))
   w = evaluation.group_weights({"decoder_loss_weights": np.ones((2, 8), np.float32)}, got, 3)
-  assert w.shape == (4, 2, 8)
-  np.testing.assert_array_equal(w[1:].sum(0), w[0])
+  assert w.shape == (2, 8, 4)
+  np.testing.assert_array_equal(w[..., 1:].sum(-1), w[..., 0])
+  np.testing.assert_array_equal(w[..., 1:].argmax(-1), got)
 
 
 def test_errors_name_the_problem(workdir, tmp_path):
@@ -199,3 +200,30 @@ def test_parameters_restore_into_another_mesh(workdir):
   for a, s, r in zip(got, jax.tree.leaves(want), ref):
     assert a.sharding.is_equivalent_to(s, a.ndim)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+
+
+def test_groups_of_a_scanned_moeut_model_equal_separate_evaluations():
+  """SwitchHead + sigma-MoE in scanned repeats (the ragged_dot path on CPU): the grouped
+  evaluation gives each group's sums of its own masked evaluation."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from openmoe_jax import presets, sharding, train_step as ts  # pylint: disable=import-outside-toplevel
+  data = DataConfig()
+  cfg = dataclasses.replace(presets.get("moeut-tiny"), vocab_size=pipeline.vocab_size(data))
+  mesh = sharding.make_mesh(MeshConfig(num_devices=2))
+  setup = ts.make_setup(cfg, OptimConfig(), 10, 0, mesh, sharding.RULES["data_parallel"])
+  params = ts.init_state(setup, 0)["params"]
+  batch = next(pipeline.make_iterator(data, "validation", 4, 64, 0))
+  evaluator = evaluation.Evaluator(setup, data)
+  results, _, n = evaluator(params, [batch])
+  assert n == 1 and len(results) >= 3  # the total and at least two denoiser kinds
+  group_BL = evaluation.denoiser_groups(batch, evaluator.prefixes, evaluator.names)
+  one = jax.jit(lambda p, b: ts.eval_step(setup, p, b))
+  for j, name in enumerate(evaluator.names):
+    if name not in results:
+      continue
+    masked = {**batch, "decoder_loss_weights":
+              batch["decoder_loss_weights"] * (group_BL == j)}
+    want = {k: float(v) for k, v in losses.summarize(one(params, masked)).items()}
+    assert results[name]["tokens"] == want["tokens"], name
+    np.testing.assert_allclose(results[name]["loss"], want["loss"], rtol=1e-5, err_msg=name)

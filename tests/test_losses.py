@@ -61,3 +61,22 @@ def test_accuracy_splits_ties_between_the_maxima(dtype):
   t = rng.integers(0, 50, (3, 7))
   s = losses.cross_entropy(jnp.asarray(x), jnp.asarray(t), jnp.ones((3, 7)))
   assert float(s["correct_sum"]) == float((x.argmax(-1) == t).sum())
+
+
+@pytest.mark.parametrize("chunk_len", [0, 4])
+def test_stacked_weights_equal_separate_calls(chunk_len):
+  """[B, L, J] weights give the J sums of J separate [B, L] calls (evaluation groups)."""
+  from openmoe_jax import chunked_loss  # pylint: disable=import-outside-toplevel
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
+  x_BLD = jax.random.normal(k1, (2, 8, 16))
+  head_DV = jax.random.normal(k2, (16, 32))
+  targets_BL = jax.random.randint(k3, (2, 8), 0, 32)
+  weights_BLJ = (jax.random.uniform(k4, (2, 8, 3)) > 0.4).astype(jnp.float32)
+  sums = chunked_loss.chunked_cross_entropy(x_BLD, lambda h: h @ head_DV, targets_BL,
+                                            weights_BLJ, chunk_len, z_loss=1e-3)
+  for j in range(3):
+    one = chunked_loss.chunked_cross_entropy(x_BLD, lambda h: h @ head_DV, targets_BL,
+                                             weights_BLJ[..., j], chunk_len, z_loss=1e-3)
+    for k, v in one.items():
+      assert sums[k].shape == (3,)
+      np.testing.assert_allclose(sums[k][j], v, rtol=1e-6, err_msg=k)
