@@ -47,3 +47,4 @@ def test_notebook_runs_on_a_trained_moeut_checkpoint(tmp_path, monkeypatch):
   assert "step 6:" in text and "attention=switchhead" in text
   assert text.count("greedy :") == 3 and "max / uniform load per layer" in text
   assert any("image/png" in o.get("data", {}) for o in outputs)  # the expert-load plot
+  assert "validation split, 2 batches" in text and "| all |" in text
