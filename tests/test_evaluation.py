@@ -167,8 +167,10 @@ def test_errors_name_the_problem(workdir, tmp_path):
     evaluation.run(path, batches=10_000, write=False, progress=False)
 
 
-def test_command_line_prints_the_table(workdir, capsys):
+def test_command_line_prints_the_table(workdir, capsys, monkeypatch):
   path, _ = workdir
+  # main() applies distributed.DEFAULT_XLA_FLAGS to XLA_FLAGS: undone after the test.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
   cli = runpy.run_path(os.path.join(REPO, "launch", "eval.py"))  # its main(argv), in-process
   assert cli["main"]([f"--workdir={path}", "--batches=1", "--no_progress",
                       "--data_parallel"]) == 0
