@@ -345,6 +345,9 @@ class TrainConfig:
   log_every: int = 10  # steps between scalar logs
   sample_prompt: str = "def "  # prompt for the end-of-run sample written to the workdir
   sample_tokens: int = 48  # tokens sampled at the end of the run; 0 = no sample
+  sample_temperature: float = 0.8  # 0 = greedy (a short run's greedy text loops)
+  sample_top_p: float = 0.95  # nucleus sampling of the end-of-run sample; 1 = off
+  sample_seed: int = 0  # PRNG seed of the end-of-run sample
   stop_after: int = 0  # stop (as if killed) after this step, for resume tests; 0 = never
 
   def __post_init__(self):
@@ -353,4 +356,8 @@ class TrainConfig:
       _positive(f"TrainConfig.{name}", getattr(self, name))
     for name in ("eval_every", "checkpoint_every", "sample_tokens", "stop_after"):
       _positive(f"TrainConfig.{name}", getattr(self, name), allow_zero=True)
+    _check(self.sample_temperature >= 0,
+           f"TrainConfig.sample_temperature must be >= 0, got {self.sample_temperature}")
+    _check(0 < self.sample_top_p <= 1,
+           f"TrainConfig.sample_top_p must be in (0, 1], got {self.sample_top_p}")
 

@@ -222,7 +222,8 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     writer.scalars(step, summary["eval"], prefix="eval")
     if train.sample_tokens:
       summary["sample"] = sample_text(setup, state["params"], data, train.sample_prompt,
-                                      train.sample_tokens)
+                                      train.sample_tokens, train.sample_temperature,
+                                      train.sample_top_p, train.sample_seed)
       with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
         f.write(summary["sample"] + "\n")
       writer.text(step, "sample", summary["sample"])
@@ -233,9 +234,9 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
 
 
 def sample_text(setup: ts.Setup, params: Any, data: DataConfig, prompt: str, n_tokens: int,
-                temperature: float = 0.0) -> str:
-  """Greedy (or sampled) continuation of `prompt` as a prefix-LM prompt, decoded to text."""
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+  """Sampled (greedy at temperature 0) continuation of `prompt` as a prefix-LM prompt."""
   from openmoe_jax import inference  # pylint: disable=import-outside-toplevel
   session = inference.Session(setup.graphdef, params, data, int(-1))
-  return prompt + session.complete([prompt], max_new_tokens=n_tokens,
-                                   temperature=temperature)[0]
+  return prompt + session.complete([prompt], max_new_tokens=n_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed)[0]

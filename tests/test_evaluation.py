@@ -1,8 +1,10 @@
 """Checkpoint evaluation (openmoe_jax.evaluation, launch/eval.py): the training run's own
 evaluation, a float64 reference per UL2 denoiser, a full pass that covers the split, errors."""
+import fcntl
 import json
 import os
 import runpy
+import shutil
 
 import numpy as np
 import pytest
@@ -23,14 +25,23 @@ BATCH, SEQ, EVAL_BATCHES = 8, 128, 2
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("eval") / "run")
-  result = train.run(path, model=MODEL, data=DataConfig(),
-                     optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
-                     train=TrainConfig(steps=6, batch_size=BATCH, seq_len=SEQ, eval_every=0,
-                                       eval_batches=EVAL_BATCHES, checkpoint_every=3,
-                                       sample_tokens=0),
-                     mesh=MeshConfig(num_devices=2), progress=False)
-  return path, result["eval"]
+  """A 6-step training run, trained once per test session: xdist's workers share it through a
+  file lock in their common temporary root, and each works on its own copy."""
+  root = tmp_path_factory.getbasetemp().parent
+  shared, result_json = root / "eval_run", root / "eval_run.json"
+  with open(root / "eval_run.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result_json.exists():
+      result = train.run(str(shared), model=MODEL, data=DataConfig(),
+                         optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+                         train=TrainConfig(steps=6, batch_size=BATCH, seq_len=SEQ, eval_every=0,
+                                           eval_batches=EVAL_BATCHES, checkpoint_every=3,
+                                           sample_tokens=0),
+                         mesh=MeshConfig(num_devices=2), progress=False)
+      result_json.write_text(json.dumps(result["eval"]), encoding="utf-8")
+  path = tmp_path_factory.mktemp("eval") / "run"
+  shutil.copytree(shared, path)
+  return str(path), json.loads(result_json.read_text(encoding="utf-8"))
 
 
 def _reference_groups(batch, prefixes):

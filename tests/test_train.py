@@ -1,17 +1,19 @@
 """End-to-end training: loss falls below the unigram entropy, resume reproduces the run exactly,
 gradient accumulation equals the big batch, bad input fails with one clear error."""
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import metrics, sharding, train, train_step as ts
+from openmoe_jax import gin_setup, inference, metrics, sharding, train, train_step as ts
 from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, MoeConfig, OptimConfig,
                                 TrainConfig)
 
@@ -36,7 +38,7 @@ def _losses(workdir):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-  full = _train(tmp_path / "full", 8)
+  full = _train(tmp_path / "full", 8, sample_tokens=6)
   _train(tmp_path / "cut", 8, stop_after=4)  # "killed" right after the step-4 checkpoint
   assert _losses(tmp_path / "cut").keys() == {1, 2, 3, 4}
   resumed = _train(tmp_path / "cut", 8)
@@ -50,6 +52,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   again = _train(tmp_path / "cut", 8)
   assert again["step"] == 8 and again["eval"]["loss"] == full["eval"]["loss"]
   assert _losses(tmp_path / "cut") == b
+  # The end-of-run sample is the config's sampled continuation (not greedy): the same text
+  # comes from the step-8 checkpoint restored onto one device and sampled the same way.
+  sample = (tmp_path / "full" / "sample.txt").read_text(encoding="utf-8").rstrip("\n")
+  assert sample == full["sample"]
+  session = inference.load(str(tmp_path / "full"))
+  cfg = TrainConfig()
+  assert session.step == 8
+  assert sample == cfg.sample_prompt + session.complete(
+      [cfg.sample_prompt], max_new_tokens=6, temperature=cfg.sample_temperature,
+      top_p=cfg.sample_top_p, seed=cfg.sample_seed)[0]
 
 
 def _loss_and_unigram(workdir: str) -> tuple[float, float]:
@@ -156,14 +168,38 @@ def test_loss_chunks_equal_one_pass_loss(tie, bias):
 
 
 def _launch(*args, env=None):
+  """launch/train.py in a fresh interpreter: for what only shows at interpreter shutdown."""
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
                         capture_output=True, text=True, cwd=REPO, timeout=300,
                         env={**os.environ, **(env or {})})
 
 
-def test_unknown_gin_binding_fails_cleanly(tmp_path):
+@pytest.fixture(name="launch")
+def fixture_launch(capsys, monkeypatch):
+  """launch/train.py's `main` in this process (no interpreter and TensorFlow start-up per
+  call): returns its exit code and what it printed, as `_launch` does."""
+  spec = importlib.util.spec_from_file_location("launch_train",
+                                                os.path.join(REPO, "launch", "train.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.chdir(REPO)
+
+  def call(*args):
+    capsys.readouterr()
+    try:
+      code = module.main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+      code = e.code
+    finally:
+      gin_setup.clear()
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+  return call
+
+
+def test_unknown_gin_binding_fails_cleanly(tmp_path, launch):
   wd = tmp_path / "wd"
-  r = _launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", "--gin_bindings=TrainConfig.stepz=3",
+  r = launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", "--gin_bindings=TrainConfig.stepz=3",
               f"--workdir={wd}")
   assert r.returncode == 2
   assert "stepz" in r.stderr and "Traceback" not in r.stderr
@@ -190,20 +226,20 @@ def test_non_finite_step_fails_cleanly(tmp_path):
     ("ModelConfig.loss_chunk_len=3", "loss_chunk_len"),
     ("ModelConfig.attention_mask='causal'", "attention_mask='causal' ignores the bidirectional"),
 ])
-def test_bad_values_fail_before_touching_workdir(tmp_path, binding, needle):
+def test_bad_values_fail_before_touching_workdir(tmp_path, launch, binding, needle):
   wd = tmp_path / "wd"
-  r = _launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", f"--gin_bindings={binding}",
+  r = launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", f"--gin_bindings={binding}",
               f"--workdir={wd}")
   assert r.returncode == 2, r.stderr[-2000:]
   assert needle in r.stderr and "Traceback" not in r.stderr
   assert not wd.exists()
 
 
-def test_non_utf8_text_file_names_the_file(tmp_path):
+def test_non_utf8_text_file_names_the_file(tmp_path, launch):
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"fine line\n\xff\xfe broken\n")
   wd = tmp_path / "wd"
-  r = _launch("--gin_file=gin/experiments/tiny_dense_ul2.gin",
+  r = launch("--gin_file=gin/experiments/tiny_dense_ul2.gin",
               "--gin_bindings=DataConfig.mixture='text_files_ul2'",
               f"--gin_bindings=DataConfig.text_files=('{bad}',)", f"--workdir={wd}")
   assert r.returncode == 2, r.stderr[-2000:]
@@ -211,8 +247,8 @@ def test_non_utf8_text_file_names_the_file(tmp_path):
   assert not wd.exists()
 
 
-def test_dry_run_prints_resolved_config():
-  r = _launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", "--dry_run")
+def test_dry_run_prints_resolved_config(launch):
+  r = launch("--gin_file=gin/experiments/tiny_dense_ul2.gin", "--dry_run")
   assert r.returncode == 0, r.stderr[-2000:]
   printed = json.loads(r.stdout[r.stdout.index("{"):])
   assert printed["model"]["vocab_size"] > 0 and printed["params"]["total"] > 0
