@@ -3,6 +3,8 @@
 Flags: --gin_file (repeatable), --gin_bindings (repeatable, e.g. "TrainConfig.steps=100"),
 --workdir (per-run directory; re-running the same command resumes from its last checkpoint),
 --dry_run (print the resolved config and parameter counts, then exit).
+On SIGTERM (a scheduler's preemption notice) the run checkpoints the step it is on and exits
+with 143; re-running the same command resumes from there.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if result.get("preempted"):
+    from openmoe_jax import preemption  # pylint: disable=import-outside-toplevel
+    print(f"preempted (SIGTERM) after step {result['step']}: its checkpoint is saved; re-run "
+          "the same command to resume", file=sys.stderr)
+    return preemption.EXIT_CODE
   if not args.dry_run:
     final = {k: v for k, v in result.items() if k != "sample"}
     print(f"done: {final}")

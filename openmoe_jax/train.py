@@ -22,6 +22,7 @@ from openmoe_jax import checkpoint as ckpt_lib
 from openmoe_jax import chunked_loss
 from openmoe_jax import evaluation
 from openmoe_jax import metrics as metrics_lib
+from openmoe_jax import preemption
 from openmoe_jax import sharding
 from openmoe_jax import train_step as ts
 from openmoe_jax.config import (DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig)
@@ -174,6 +175,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     return scalars
 
   step = start
+  watch = preemption.Watch().__enter__()  # SIGTERM: checkpoint this step, then stop
   try:
     while step < train.steps:
       batch = _to_global(next(train_it), setup)
@@ -198,6 +200,14 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
         summary["train"] = drain(pending)  # never checkpoint a non-finite state
         pending = None
         ckpt.save(step, state, train_it.get_state())
+      if watch.reached(step):
+        if pending is not None:
+          summary["train"] = drain(pending)
+          pending = None
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, train_it.get_state(), force=True)
+        summary["preempted"] = True
+        break
       if train.stop_after and step >= train.stop_after:
         break
     if pending is not None:
@@ -213,6 +223,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     writer.close()
     raise
   finally:
+    watch.__exit__()
     bar.close()
   if step >= train.steps:
     if ckpt.latest_step() != step:

@@ -4,8 +4,10 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -38,6 +40,7 @@ def _losses(workdir):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
+  """Resuming after a kill (stop_after) or a SIGTERM continues bit-exactly."""
   full = _train(tmp_path / "full", 8, sample_tokens=6)
   _train(tmp_path / "cut", 8, stop_after=4)  # "killed" right after the step-4 checkpoint
   assert _losses(tmp_path / "cut").keys() == {1, 2, 3, 4}
@@ -62,6 +65,63 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   assert sample == cfg.sample_prompt + session.complete(
       [cfg.sample_prompt], max_new_tokens=6, temperature=cfg.sample_temperature,
       top_p=cfg.sample_top_p, seed=cfg.sample_seed)[0]
+  _sigterm_run_resumes_exactly(tmp_path / "term", full)
+
+
+def _sigterm_run_resumes_exactly(workdir, full):
+  """A SIGTERM (a scheduler's preemption notice) that arrives while step 5's batch is built
+  ends the run after step 5 with a checkpoint of it (between the step-4 and step-8 saves), and
+  the resumed run's losses equal the uninterrupted run's, bit for bit."""
+  to_global, calls = train._to_global, []  # pylint: disable=protected-access
+
+  def to_global_then_sigterm(batch, setup):
+    calls.append(1)
+    if len(calls) == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return to_global(batch, setup)
+
+  handler = signal.getsignal(signal.SIGTERM)
+  train._to_global = to_global_then_sigterm  # pylint: disable=protected-access
+  try:
+    cut = _train(workdir, 8)
+  finally:
+    train._to_global = to_global  # pylint: disable=protected-access
+  assert cut["preempted"] and cut["step"] == 5 and "eval" not in cut
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, 5]
+  assert max(_losses(workdir)) == 5  # step 5's metrics were written, not dropped
+  resumed = _train(workdir, 8)
+  assert "preempted" not in resumed
+  assert _losses(workdir) == _losses(workdir.parent / "full")
+  assert resumed["eval"]["loss"] == full["eval"]["loss"]
+
+
+def test_sigterm_from_outside_exits_143_with_the_step_saved(tmp_path):
+  """The real thing: launch/train.py in its own process gets SIGTERM mid-run, saves the step
+  it is on, prints one line (no traceback) and exits with 143 (128 + SIGTERM)."""
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "launch", "train.py"),
+       "--gin_file=gin/experiments/tiny_dense_ul2.gin", "--no_progress", f"--workdir={wd}",
+       "--gin_bindings=TrainConfig.steps = 100000", "--gin_bindings=TrainConfig.log_every = 1",
+       "--gin_bindings=TrainConfig.checkpoint_every = 0", "--gin_bindings=TrainConfig.eval_every = 0",
+       "--gin_bindings=TrainConfig.seq_len = 64", "--gin_bindings=MeshConfig.num_devices = 1"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while not (wd / "metrics.jsonl").exists() or max(_losses(wd) or [0]) < 3:
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      assert time.time() < deadline, "the run did not reach step 3"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  saved = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", err).group(1))
+  assert saved >= 3 and "Traceback" not in err and "Exception ignored" not in err
+  assert os.listdir(wd / "checkpoints") == [str(saved)]
+  assert max(_losses(wd)) == saved
 
 
 def _loss_and_unigram(workdir: str) -> tuple[float, float]:
