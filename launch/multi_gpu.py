@@ -10,13 +10,16 @@
         --processes_per_host=8 ... --workdir=/shared/runs/x
     # under SLURM: srun python launch/train.py ... (openmoe_jax.distributed detects SLURM)
 
-Prints each command with its environment, then starts them (unless --dry_run) and waits.
+Prints each command with its environment, then starts them (unless --dry_run) and waits. A
+SIGTERM sent to this launcher is passed on to every training process, which checkpoints the step
+it is on and exits with 143; the launcher then exits with the largest of their exit codes.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -64,7 +67,19 @@ def main(argv: list[str] | None = None) -> int:
   if a.dry_run:
     return 0
   procs = [subprocess.Popen(cmd, env={**os.environ, **env}) for env, cmd in cmds]
-  return max(proc.wait() for proc in procs)
+
+  def forward(signum, frame):  # pylint: disable=unused-argument
+    """A scheduler's SIGTERM often reaches this process only (PID 1 of a container): pass it
+    on, so each training process checkpoints its step (exit 143), and wait for them."""
+    for proc in procs:
+      if proc.poll() is None:
+        proc.send_signal(signum)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    return max(proc.wait() for proc in procs)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -97,16 +97,18 @@ def _sigterm_run_resumes_exactly(workdir, full):
 
 
 def test_sigterm_from_outside_exits_143_with_the_step_saved(tmp_path):
-  """The real thing: launch/train.py in its own process gets SIGTERM mid-run, saves the step
-  it is on, prints one line (no traceback) and exits with 143 (128 + SIGTERM)."""
+  """The real thing, as a container's PID 1 gets it: launch/multi_gpu.py gets SIGTERM mid-run
+  and passes it on; its launch/train.py process saves the step it is on, prints one line (no
+  traceback) and exits with 143 (128 + SIGTERM), and so does the launcher."""
   wd = tmp_path / "wd"
   proc = subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "launch", "train.py"),
-       "--gin_file=gin/experiments/tiny_dense_ul2.gin", "--no_progress", f"--workdir={wd}",
+      [sys.executable, os.path.join(REPO, "launch", "multi_gpu.py"),
+       "--gin_file=gin/experiments/tiny_dense_ul2.gin", f"--workdir={wd}",
        "--gin_bindings=TrainConfig.steps = 100000", "--gin_bindings=TrainConfig.log_every = 1",
        "--gin_bindings=TrainConfig.checkpoint_every = 0", "--gin_bindings=TrainConfig.eval_every = 0",
        "--gin_bindings=TrainConfig.seq_len = 64", "--gin_bindings=MeshConfig.num_devices = 1"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)  # its own process group: the finally below ends the children too
   try:
     deadline = time.time() + 240
     while not (wd / "metrics.jsonl").exists() or max(_losses(wd) or [0]) < 3:
@@ -116,7 +118,10 @@ def test_sigterm_from_outside_exits_143_with_the_step_saved(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
   finally:
-    proc.kill()
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
   assert proc.returncode == 143, err[-3000:]
   saved = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", err).group(1))
   assert saved >= 3 and "Traceback" not in err and "Exception ignored" not in err
