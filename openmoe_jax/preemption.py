@@ -37,18 +37,25 @@ class Watch:
   def _multi_process() -> bool:
     return distributed.global_state.client is not None
 
-  def __enter__(self) -> "Watch":
-    # Signal handlers can only be set from the main thread (a run inside a worker thread
-    # keeps the process's handling as it is).
+  def start(self) -> "Watch":
+    """Installs the one-process SIGTERM handler. Signal handlers can only be set from the main
+    thread: a run in another thread keeps the process's handling as it is."""
     if not self._multi_process() and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
       self._installed = True
     return self
 
-  def __exit__(self, *exc) -> None:
+  def stop(self) -> None:
+    """Puts the previous SIGTERM handling back."""
     if self._installed:
       signal.signal(signal.SIGTERM, self._previous)
       self._installed = False
+
+  def __enter__(self) -> "Watch":
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
 
   def _on_sigterm(self, signum, frame) -> None:  # pylint: disable=unused-argument
     self.signalled = True

@@ -175,7 +175,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     return scalars
 
   step = start
-  watch = preemption.Watch().__enter__()  # SIGTERM: checkpoint this step, then stop
+  watch = preemption.Watch().start()  # SIGTERM: checkpoint the step in flight, then stop
   try:
     while step < train.steps:
       batch = _to_global(next(train_it), setup)
@@ -223,7 +223,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     writer.close()
     raise
   finally:
-    watch.__exit__()
+    watch.stop()
     bar.close()
   if step >= train.steps:
     if ckpt.latest_step() != step:
