@@ -207,6 +207,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
         if ckpt.latest_step() != step:
           ckpt.save(step, state, train_it.get_state(), force=True)
         summary["preempted"] = True
+        writer.text(step, "preempted", f"SIGTERM: stopped after step {step}, checkpoint saved")
         break
       if train.stop_after and step >= train.stop_after:
         break

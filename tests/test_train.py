@@ -68,6 +68,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   _sigterm_run_resumes_exactly(tmp_path / "term", full)
 
 
+def _tensorboard_texts(workdir, tag: str) -> dict[int, str]:
+  """{step: text} of a text summary in the run's TensorBoard event files (read by TF)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  out = {}
+  for path in (workdir / "tensorboard").glob("events*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == f"{tag}/text_summary":
+          out[event.step] = tf.make_ndarray(value.tensor).item().decode()
+  return out
+
+
 def _sigterm_run_resumes_exactly(workdir, full):
   """A SIGTERM (a scheduler's preemption notice) that arrives while step 5's batch is built
   ends the run after step 5 with a checkpoint of it (between the step-4 and step-8 saves), and
@@ -90,6 +102,8 @@ def _sigterm_run_resumes_exactly(workdir, full):
   assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, 5]
   assert max(_losses(workdir)) == 5  # step 5's metrics were written, not dropped
+  assert _tensorboard_texts(workdir, "preempted") == {5: "SIGTERM: stopped after step 5, "
+                                                         "checkpoint saved"}
   resumed = _train(workdir, 8)
   assert "preempted" not in resumed
   assert _losses(workdir) == _losses(workdir.parent / "full")
