@@ -180,6 +180,14 @@ def get_dataset(config: DataConfigLike, split: str, seq_len: int, seed: int,
   """The seqio example stream ({"inputs"?, "targets"}) of the configured task or mixture."""
   mixtures_lib.register(config.vocab_path, config.data_dir, tuple(config.text_files))
   name = resolve_mixture(config.mixture, config.ul2)
+  # seqio's registry lives as long as the process: a mixture registered for an earlier config
+  # (other text files, another data_dir) must not stand in for this config's missing source.
+  if name.startswith("text_files_") and not config.text_files:
+    raise ValueError(f"DataConfig.mixture={config.mixture!r} reads DataConfig.text_files, "
+                     "which is empty: give at least one .txt or .jsonl path.")
+  if name.startswith(("c4_", "the_stack_")) and not config.data_dir:
+    raise ValueError(f"DataConfig.mixture={config.mixture!r} reads TFDS datasets from "
+                     "DataConfig.data_dir, which is not set.")
   try:
     provider = seqio.get_mixture_or_task(name)
   except ValueError:

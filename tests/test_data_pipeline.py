@@ -229,6 +229,11 @@ def test_text_files_and_bad_inputs(tmp_path):
                            "train", 2, 64, 0)
   with pytest.raises(ValueError, match="Unknown data mixture"):
     pipeline.make_iterator(dataclasses.replace(UL2, mixture="nope"), "train", 2, 64, 0)
+  # The text-file mixtures registered above stay in seqio's registry for this process; a
+  # config without files (or without a data_dir for c4) still fails instead of reading them.
+  for mixture, field in (("text_files", "DataConfig.text_files"), ("c4", "DataConfig.data_dir")):
+    with pytest.raises(ValueError, match=field):
+      pipeline.make_iterator(dataclasses.replace(UL2, mixture=mixture), "train", 2, 64, 0)
   with pytest.raises(ValueError, match="disagrees"):
     pipeline.make_iterator(dataclasses.replace(UL2, ul2=False), "train", 2, 64, 0)
   with pytest.raises(ValueError, match="split"):
