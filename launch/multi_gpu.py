@@ -12,7 +12,8 @@
 
 Prints each command with its environment, then starts them (unless --dry_run) and waits. A
 SIGTERM sent to this launcher is passed on to every training process, which checkpoints the step
-it is on and exits with 143; the launcher then exits with the largest of their exit codes.
+it is on and exits with 143; a terminal's Ctrl-C reaches them directly and ends them the same way
+with 130. The launcher then exits with the largest of their exit codes.
 """
 from __future__ import annotations
 
@@ -75,11 +76,18 @@ def main(argv: list[str] | None = None) -> int:
       if proc.poll() is None:
         proc.send_signal(signum)
 
-  previous = signal.signal(signal.SIGTERM, forward)
+  def wait_for_them(signum, frame):  # pylint: disable=unused-argument
+    """A terminal's Ctrl-C reaches the training processes too (one process group): each one
+    checkpoints its step and exits with 130. Passing it on as well would make it their second
+    Ctrl-C, which stops at once."""
+
+  previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+              signal.SIGINT: signal.signal(signal.SIGINT, wait_for_them)}
   try:
     return max(proc.wait() for proc in procs)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ Flags: --gin_file (repeatable), --gin_bindings (repeatable, e.g. "TrainConfig.st
 --workdir (per-run directory; re-running the same command resumes from its last checkpoint),
 --dry_run (print the resolved config and parameter counts, then exit).
 On SIGTERM (a scheduler's preemption notice) the run checkpoints the step it is on and exits
-with 143; re-running the same command resumes from there.
+with 143; on Ctrl-C it does the same and exits with 130 (a second Ctrl-C stops at once, without
+that checkpoint). Re-running the same command resumes from the last checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:
+    print(str(e) or "Ctrl-C: stopped", file=sys.stderr)
+    return 128 + signal.SIGINT
   if result.get("preempted"):
     from openmoe_jax import preemption  # pylint: disable=import-outside-toplevel
     print(f"preempted (SIGTERM) after step {result['step']}: its checkpoint is saved; re-run "

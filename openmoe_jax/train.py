@@ -175,7 +175,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     return scalars
 
   step = start
-  watch = preemption.Watch().start()  # SIGTERM: checkpoint the step in flight, then stop
+  watch = preemption.Watch().start()  # SIGTERM, Ctrl-C: checkpoint the step in flight, then stop
   try:
     while step < train.steps:
       batch = _to_global(next(train_it), setup)
@@ -206,26 +206,32 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
           pending = None
         if ckpt.latest_step() != step:
           ckpt.save(step, state, train_it.get_state(), force=True)
-        summary["preempted"] = True
-        writer.text(step, "preempted", f"SIGTERM: stopped after step {step}, checkpoint saved")
+        reason, signal_name = (("interrupted", "Ctrl-C") if watch.interrupted
+                               else ("preempted", "SIGTERM"))
+        summary[reason] = True
+        writer.text(step, reason, f"{signal_name}: stopped after step {step}, checkpoint saved")
         break
       if train.stop_after and step >= train.stop_after:
         break
     if pending is not None:
       summary["train"] = drain(pending)
       pending = None
-  except BaseException as err:
-    if isinstance(err, KeyboardInterrupt):
-      # Keep the work done so far: the loop state is consistent wherever it is interrupted.
-      ckpt.save(int(state["step"]), state, train_it.get_state(), force=True)
-    # Finish pending checkpoint writes and stop TensorBoard's writer thread before the error
-    # propagates (a writer left open fails again in an atexit hook at interpreter shutdown).
+  except BaseException:
+    # Also a second Ctrl-C, which stops at once: nothing is saved then, since the state may be
+    # donated to a step whose result never arrived (preemption.py). Finish pending checkpoint
+    # writes and stop TensorBoard's writer thread before the error propagates (a writer left
+    # open fails again in an atexit hook at interpreter shutdown).
     ckpt.close()
     writer.close()
     raise
   finally:
     watch.stop()
     bar.close()
+  if summary.get("interrupted"):
+    ckpt.close()
+    writer.close()
+    raise KeyboardInterrupt(f"Ctrl-C: stopped after step {step}, whose checkpoint is saved; "
+                            "re-running the same command resumes from it")
   if step >= train.steps:
     if ckpt.latest_step() != step:
       ckpt.save(step, state, train_it.get_state(), force=True)

@@ -40,7 +40,7 @@ def _losses(workdir):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-  """Resuming after a kill (stop_after) or a SIGTERM continues bit-exactly."""
+  """Resuming after a kill (stop_after), a SIGTERM or a Ctrl-C continues bit-exactly."""
   full = _train(tmp_path / "full", 8, sample_tokens=6)
   _train(tmp_path / "cut", 8, stop_after=4)  # "killed" right after the step-4 checkpoint
   assert _losses(tmp_path / "cut").keys() == {1, 2, 3, 4}
@@ -65,7 +65,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   assert sample == cfg.sample_prompt + session.complete(
       [cfg.sample_prompt], max_new_tokens=6, temperature=cfg.sample_temperature,
       top_p=cfg.sample_top_p, seed=cfg.sample_seed)[0]
-  _sigterm_run_resumes_exactly(tmp_path / "term", full)
+  _signal_run_resumes_exactly(tmp_path / "term", full, signal.SIGTERM)
+  _signal_run_resumes_exactly(tmp_path / "int", full, signal.SIGINT)
+  _second_ctrl_c_stops_at_once(tmp_path / "int2")
 
 
 def _tensorboard_texts(workdir, tag: str) -> dict[int, str]:
@@ -80,41 +82,62 @@ def _tensorboard_texts(workdir, tag: str) -> dict[int, str]:
   return out
 
 
-def _sigterm_run_resumes_exactly(workdir, full):
-  """A SIGTERM (a scheduler's preemption notice) that arrives while step 5's batch is built
-  ends the run after step 5 with a checkpoint of it (between the step-4 and step-8 saves), and
-  the resumed run's losses equal the uninterrupted run's, bit for bit."""
+def _signalled_train(workdir, signums):
+  """An 8-step run whose process gets `signums` while step 5's batch is built."""
   to_global, calls = train._to_global, []  # pylint: disable=protected-access
 
-  def to_global_then_sigterm(batch, setup):
+  def to_global_then_signal(batch, setup):
     calls.append(1)
     if len(calls) == 5:
-      os.kill(os.getpid(), signal.SIGTERM)
+      for signum in signums:
+        os.kill(os.getpid(), signum)
     return to_global(batch, setup)
 
-  handler = signal.getsignal(signal.SIGTERM)
-  train._to_global = to_global_then_sigterm  # pylint: disable=protected-access
+  train._to_global = to_global_then_signal  # pylint: disable=protected-access
   try:
-    cut = _train(workdir, 8)
+    return _train(workdir, 8)
   finally:
     train._to_global = to_global  # pylint: disable=protected-access
-  assert cut["preempted"] and cut["step"] == 5 and "eval" not in cut
-  assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone again
+
+
+def _signal_run_resumes_exactly(workdir, full, signum):
+  """A SIGTERM (a scheduler's preemption notice) or a Ctrl-C that arrives while step 5's batch
+  is built ends the run after step 5 with a checkpoint of it (between the step-4 and step-8
+  saves), and the resumed run's losses equal the uninterrupted run's, bit for bit."""
+  handler = signal.getsignal(signum)
+  if signum == signal.SIGINT:  # Ctrl-C: the save, then KeyboardInterrupt (a notebook's stop)
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 5, whose checkpoint is saved"):
+      _signalled_train(workdir, [signum])
+    reason, text = "interrupted", "Ctrl-C: stopped after step 5, checkpoint saved"
+  else:
+    cut = _signalled_train(workdir, [signum])
+    assert cut["preempted"] and cut["step"] == 5 and "eval" not in cut
+    reason, text = "preempted", "SIGTERM: stopped after step 5, checkpoint saved"
+  assert signal.getsignal(signum) is handler  # the run's handler is gone again
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, 5]
   assert max(_losses(workdir)) == 5  # step 5's metrics were written, not dropped
-  assert _tensorboard_texts(workdir, "preempted") == {5: "SIGTERM: stopped after step 5, "
-                                                         "checkpoint saved"}
+  assert _tensorboard_texts(workdir, reason) == {5: text}
   resumed = _train(workdir, 8)
   assert "preempted" not in resumed
   assert _losses(workdir) == _losses(workdir.parent / "full")
   assert resumed["eval"]["loss"] == full["eval"]["loss"]
 
 
-def test_sigterm_from_outside_exits_143_with_the_step_saved(tmp_path):
-  """The real thing, as a container's PID 1 gets it: launch/multi_gpu.py gets SIGTERM mid-run
-  and passes it on; its launch/train.py process saves the step it is on, prints one line (no
-  traceback) and exits with 143 (128 + SIGTERM), and so does the launcher."""
-  wd = tmp_path / "wd"
+def _second_ctrl_c_stops_at_once(workdir):
+  """A second Ctrl-C raises where it lands (here: after the iterator gave step 5's batch, before
+  the step ran) and saves nothing: the step-4 checkpoint stays the last."""
+  handler = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt) as raised:
+    _signalled_train(workdir, [signal.SIGINT, signal.SIGINT])
+  assert "checkpoint is saved" not in str(raised.value)
+  assert signal.getsignal(signal.SIGINT) is handler
+  assert os.listdir(workdir / "checkpoints") == ["4"]
+  assert max(_losses(workdir)) == 4
+
+
+def _launch_and_stop(wd, after_step: int, stop) -> tuple[int, str]:
+  """Runs launch/multi_gpu.py until its run has logged `after_step`, calls `stop(proc)`, and
+  returns the exit code and stderr."""
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "launch", "multi_gpu.py"),
        "--gin_file=gin/experiments/tiny_dense_ul2.gin", f"--workdir={wd}",
@@ -125,21 +148,39 @@ def test_sigterm_from_outside_exits_143_with_the_step_saved(tmp_path):
       start_new_session=True)  # its own process group: the finally below ends the children too
   try:
     deadline = time.time() + 240
-    while not (wd / "metrics.jsonl").exists() or max(_losses(wd) or [0]) < 3:
+    while not (wd / "metrics.jsonl").exists() or max(_losses(wd) or [0]) < after_step:
       assert proc.poll() is None, proc.communicate()[1][-3000:]
-      assert time.time() < deadline, "the run did not reach step 3"
+      assert time.time() < deadline, f"the run did not reach step {after_step}"
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    stop(proc)
     _, err = proc.communicate(timeout=120)
   finally:
     try:
       os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
-  assert proc.returncode == 143, err[-3000:]
+  return proc.returncode, err
+
+
+def test_ctrl_c_and_sigterm_from_outside_save_the_step_and_exit_130_and_143(tmp_path):
+  """The real thing, from a terminal and as a container's PID 1 gets it:
+  - a Ctrl-C reaches launch/multi_gpu.py and its launch/train.py process (one process group):
+    the launcher waits, the run saves the step it is on, prints one line (no traceback) and
+    exits with 130 (128 + SIGINT), and so does the launcher;
+  - the same command resumes from that step; a SIGTERM to the launcher alone is passed on, the
+    run saves its step and exits with 143 (128 + SIGTERM), and so does the launcher."""
+  wd = tmp_path / "wd"
+  code, err = _launch_and_stop(wd, 3, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+  assert code == 130, err[-3000:]
+  first = int(re.search(r"Ctrl-C: stopped after step (\d+), whose checkpoint is saved", err).group(1))
+  assert first >= 3 and "Traceback" not in err and "Exception ignored" not in err
+  assert os.listdir(wd / "checkpoints") == [str(first)]
+  assert max(_losses(wd)) == first
+  code, err = _launch_and_stop(wd, first + 2, lambda proc: proc.send_signal(signal.SIGTERM))
+  assert code == 143, err[-3000:]
   saved = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", err).group(1))
-  assert saved >= 3 and "Traceback" not in err and "Exception ignored" not in err
-  assert os.listdir(wd / "checkpoints") == [str(saved)]
+  assert saved >= first + 2 and "Traceback" not in err and "Exception ignored" not in err
+  assert sorted(int(s) for s in os.listdir(wd / "checkpoints")) == [first, saved]
   assert max(_losses(wd)) == saved
 
 
