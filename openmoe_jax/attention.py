@@ -123,12 +123,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,
-               qk_input_BLD: jax.Array | None = None
+               qk_input_BLD: jax.Array | None = None, token_mask_BL: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
     """Attends x to itself (no cache) or to the cache after writing this chunk into it.
 
     `qk_input_BLD` (peri-layernorm) feeds Q and K from a normalised input while V reads `x_BLD`.
+    `token_mask_BL` (real tokens) is for attentions with routers; dense attention has none.
     """
+    del token_mask_BL
     dt = self.dtype
     x_BLD = x_BLD.astype(dt)
     qk_BLD = x_BLD if qk_input_BLD is None else qk_input_BLD.astype(dt)

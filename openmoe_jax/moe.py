@@ -129,17 +129,23 @@ class MoeFFN(nnx.Module):
         batch_prioritized=m.batch_prioritized, selection_mask_GSE=select)
     return routing, c, logits_GSE
 
-  def metrics(self, logits_GSE: jax.Array, mask_GS: jax.Array,
-              routing: router_lib.Routing) -> Aux:
+  def metrics(self, logits_GSE: jax.Array, mask_GS: jax.Array, routing: router_lib.Routing,
+              batch: int) -> Aux:
     m = self.moe
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     load_E = router_lib.expert_load(routing, m.num_experts)  # once per layer
     lb = router_lib.load_balance_loss(probs_GSE, routing, mask_GS, load_E)
     z = router_lib.z_loss(logits_GSE, mask_GS)
-    ent = router_lib.entropy_regularizer(logits_GSE, mask_GS)
+    # Per sequence (routing groups need not be sequences), as MoEUT does.
+    ent = router_lib.entropy_regularizer(logits_GSE.reshape(batch, -1, logits_GSE.shape[-1]),
+                                         mask_GS.reshape(batch, -1))
+    # MoEUT adds one entropy term per sigma-MoE module, its repeats pooled: each application
+    # here gets weight / repeats (their mean), as SwitchHead's does.
+    repeats = self.cfg.n_layers // self.cfg.n_shared_groups if self.cfg.n_shared_groups else 1
     # Terms with weight 0 stay out of the loss, so the backward (and a rematerialised forward)
     # never recomputes them; they are still reported.
-    terms = ((m.load_balance_weight, lb), (m.z_loss_weight, z), (m.entropy_weight, ent))
+    terms = ((m.load_balance_weight, lb), (m.z_loss_weight, z),
+             (m.entropy_weight / repeats, ent))
     aux_loss = sum((w * v for w, v in terms if w), jnp.zeros((), jnp.float32))
     return {
         "aux_loss": aux_loss,
@@ -318,4 +324,4 @@ class MoeFFN(nnx.Module):
       y_BLD = y_BLD + self.shared(x_BLD).astype(self.dtype)
     y_BLD = checkpoint_name(sharding.constrain(y_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)),
                             "routed_out")
-    return y_BLD, self.metrics(logits_GSE, mask_GS, routing)
+    return y_BLD, self.metrics(logits_GSE, mask_GS, routing, b)

@@ -229,18 +229,26 @@ def z_loss(logits_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:
   return jnp.sum(lse_GS ** 2 * mask_GS) / jnp.maximum(jnp.sum(mask_GS), 1.0)
 
 
-def entropy_regularizer(logits_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:
-  """MoEUT sigma-MoE regulariser: log(E) - H(mean over real tokens of softmax(logits)).
+def entropy_regularizer(logits_BL_E: jax.Array, token_mask_BL: jax.Array) -> jax.Array:
+  """MoEUT's entropy regulariser (sigma-MoE and SwitchHead): log(E) - H(p), with p the softmax
+  of the selection logits [B, L, ..., E] averaged over the real tokens of each sequence, then
+  averaged over sequences (those with a real token) and any axes between L and E (heads).
 
-  MoEUT minimises -H of the token-averaged softmax (of the whole batch of sequences); the
-  constant log(E) makes the value >= 0 with 0 at a uniform marginal, gradients unchanged.
+  Per sequence, as MoEUT does: a batch whose sequences each use one expert, a different one
+  each, is penalised (its batch-wide marginal could be uniform). The constant log(E) makes the
+  value >= 0 with 0 at a uniform marginal; the gradients are those of -H.
   """
-  e = logits_GSE.shape[-1]
-  mask_GS = mask_GS.astype(jnp.float32)
-  probs_GSE = jax.nn.softmax(logits_GSE.astype(jnp.float32), axis=-1)
-  mean_E = jnp.einsum("GSE,GS->E", probs_GSE, mask_GS) / jnp.maximum(jnp.sum(mask_GS), 1.0)
-  entropy = -jnp.sum(mean_E * jnp.log(jnp.maximum(mean_E, 1e-20)))
-  return jnp.log(float(e)) - entropy
+  e = logits_BL_E.shape[-1]
+  inner = (None,) * (logits_BL_E.ndim - 2)  # the axes between L and E
+  mask_BL = token_mask_BL.astype(jnp.float32)
+  n_B = jnp.sum(mask_BL, axis=1)
+  probs_BL_E = jax.nn.softmax(logits_BL_E.astype(jnp.float32), axis=-1)
+  mean_B_E = (jnp.sum(probs_BL_E * mask_BL[(...,) + inner], axis=1) /
+              jnp.maximum(n_B, 1.0)[(...,) + inner])
+  entropy_B_ = -jnp.sum(mean_B_E * jnp.log(jnp.maximum(mean_B_E, 1e-20)), axis=-1)
+  per_seq_B = jnp.log(float(e)) - entropy_B_.reshape(entropy_B_.shape[0], -1).mean(axis=1)
+  valid_B = (n_B > 0).astype(jnp.float32)
+  return jnp.sum(per_seq_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
 
 
 def router_entropy(logits_GSE: jax.Array, mask_GS: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ from openmoe_jax import attention as attn_lib
 from openmoe_jax import axes as ax
 from openmoe_jax import grouped
 from openmoe_jax import layers
+from openmoe_jax import router as router_lib
 from openmoe_jax import sharding
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.kernels import topk as topk_lib
@@ -41,25 +42,6 @@ def sigma_select(logits_BLHE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Arr
   # take_along_axis gradient, a scatter-add, took ~1.5 ms per call at [65536, 4, 10]).
   hit_BLHkE = idx_BLHk[..., None] == jnp.arange(e, dtype=jnp.int32)
   return idx_BLHk, jnp.sum(jnp.where(hit_BLHkE, probs[..., None, :], 0.0), axis=-1)
-
-
-def entropy_regularizer(logits_BLHE: jax.Array, token_mask_BL: jax.Array) -> jax.Array:
-  """MoEUT's attention entropy regulariser: log(E) - H(p) with p the softmax of the selection
-  logits averaged over the real tokens of each sequence, averaged over sequences and heads.
-
-  MoEUT also pools the repeats of a shared layer into one average; here each application gets
-  its own term and the block scales the sum by 1 / repeats (their mean). Gradients: -dH.
-  """
-  e = logits_BLHE.shape[-1]
-  mask_BL = token_mask_BL.astype(jnp.float32)
-  n_B = jnp.sum(mask_BL, axis=1)
-  probs_BLHE = jax.nn.softmax(logits_BLHE.astype(jnp.float32), axis=-1)
-  mean_BHE = jnp.einsum("BLHE,BL->BHE", probs_BLHE, mask_BL) / jnp.maximum(n_B, 1.0)[:, None,
-                                                                                    None]
-  entropy_BH = -jnp.sum(mean_BHE * jnp.log(jnp.maximum(mean_BHE, 1e-20)), axis=-1)
-  valid_B = (n_B > 0).astype(jnp.float32)
-  per_seq_B = jnp.mean(jnp.log(float(e)) - entropy_BH, axis=-1)
-  return jnp.sum(per_seq_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -129,15 +111,19 @@ class SwitchHeadAttention(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
                cache: attn_lib.KVCache | None = None, cache_index: jax.Array | None = None,
-               qk_input_BLD: jax.Array | None = None
+               qk_input_BLD: jax.Array | None = None, token_mask_BL: jax.Array | None = None
                ) -> tuple[jax.Array, attn_lib.KVCache | None, Aux]:
-    """(y [B, L, D], updated cache or None, {"aux_loss", "entropy_loss"})."""
+    """(y [B, L, D], updated cache or None, {"aux_loss", "entropy_loss"}).
+
+    The entropy loss averages over the real tokens, `token_mask_BL` (default: the queries that
+    see a key; with ModelConfig.attention_mask="causal" padding does too, so pass it)."""
     h, k, e, top_k = self.dims
     dt = self.dtype
     b, l, d = x_BLD.shape
     x_BLD = x_BLD.astype(dt)
     qk_BLD = x_BLD if qk_input_BLD is None else qk_input_BLD.astype(dt)
-    token_mask_BL = jnp.any(mask_BLS, axis=-1)  # a real query sees at least itself
+    if token_mask_BL is None:
+      token_mask_BL = jnp.any(mask_BLS, axis=-1)  # a real query sees at least itself
     q_BLHK = jnp.einsum("BLD,DHK->BLHK", qk_BLD, self.w_q_DHK[...].astype(dt))
     k_BLHK = jnp.einsum("BLD,DHK->BLHK", qk_BLD, self.w_k_DHK[...].astype(dt))
     inv_freq = layers.rope_frequencies(*self.rope)
@@ -157,8 +143,10 @@ class SwitchHeadAttention(nnx.Module):
           self.w_v_HEDK[...].astype(dt).reshape(h * e, d, k), per_src=h * top_k,
           per_out=top_k, backend=self.gmm_backend)
       v_BLHK = checkpoint_name(v_TH_K.reshape(b, l, h, k).astype(dt), "routed_out")
-      ent = (entropy_regularizer(logits_v_BLHE, token_mask_BL) +
-             entropy_regularizer(logits_o_BLHE, token_mask_BL))
+      # MoEUT pools the repeats of a shared layer into one average; here each application gets
+      # its own term and aux_scale divides their sum by the repeats (their mean).
+      ent = (router_lib.entropy_regularizer(logits_v_BLHE, token_mask_BL) +
+             router_lib.entropy_regularizer(logits_o_BLHE, token_mask_BL))
       aux = {"aux_loss": self.aux_scale * ent, "entropy_loss": ent}
     if cache is None:
       keys_BSHK, values_BSHK, new_cache = k_BLHK, v_BLHK, None

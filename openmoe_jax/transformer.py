@@ -118,10 +118,11 @@ class Block(nnx.Module):
     h_BLD = self.attn_norm(x_BLD)
     if self.peri:  # V reads the raw stream, Q/K the normalised one
       a_BLD, new_cache, attn_aux = self.attn(x_BLD, inputs.positions_BL, inputs.mask_BLS, cache,
-                                             inputs.cache_index, qk_input_BLD=h_BLD)
+                                             inputs.cache_index, qk_input_BLD=h_BLD,
+                                             token_mask_BL=inputs.token_mask_BL)
     else:
       a_BLD, new_cache, attn_aux = self.attn(h_BLD, inputs.positions_BL, inputs.mask_BLS, cache,
-                                             inputs.cache_index)
+                                             inputs.cache_index, token_mask_BL=inputs.token_mask_BL)
     x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
     rng_ffn = None if rng is None else jax.random.fold_in(rng, 1)

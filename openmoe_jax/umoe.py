@@ -171,12 +171,13 @@ class UmoeAttention(nnx.Module):
 
   def __call__(self, h_BLD: jax.Array, positions_BL: jax.Array, mask_BLS: jax.Array,
                cache: attn_lib.KVCache | None, cache_index: jax.Array | None, *,
-               experts: Experts) -> tuple[jax.Array, attn_lib.KVCache | None, Aux]:
-    """h_BLD is the normalised stream (queries, key, values and router all read it)."""
+               experts: Experts, token_mask_BL: jax.Array
+               ) -> tuple[jax.Array, attn_lib.KVCache | None, Aux]:
+    """h_BLD is the normalised stream (queries, key, values and router all read it); the
+    balance loss and the expert load count the real tokens, `token_mask_BL`."""
     u, dt = self.u, self.dtype
     b, l, d = h_BLD.shape
     h_BLD = h_BLD.astype(dt)
-    token_mask_BL = jnp.any(mask_BLS, axis=-1)
     logits_BLE = jnp.einsum("BLD,DE->BLE", h_BLD.astype(jnp.float32),
                             self.w_router_DE[...].astype(jnp.float32))
     scores_BLE, idx_BLk, gate_BLk = route(logits_BLE, u.attn_top_k)
@@ -241,7 +242,8 @@ class UmoeBlock(nnx.Module):
     x_BLD = sharding.constrain(x_BLD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
     a_BLD, new_cache, attn_aux = self.attn(self.attn_norm(x_BLD), inputs.positions_BL,
                                            inputs.mask_BLS, cache, inputs.cache_index,
-                                           experts=self.experts)
+                                           experts=self.experts,
+                                           token_mask_BL=inputs.token_mask_BL)
     x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
     w_DE = self.w_router_ffn_DE if self.w_router_ffn_DE is not None else self.attn.w_router_DE

@@ -91,6 +91,23 @@ def test_causal_attention_mask_is_one_stream_per_row(make_cfg):
   assert np.abs(np.asarray(packed(toks, **kw)[0][0, 5:] - packed(toks)[0][0, 5:])).max() > 1e-4
 
 
+@pytest.mark.parametrize("preset", ["moeut-tiny", "umoe-tiny"])
+def test_causal_mask_routes_no_padding(preset):
+  """attention_mask="causal" attends over padding (segment 0), but padding is still not routed:
+  no router loss or statistic, of the attention's routers either, changes when only the
+  padding tokens do (real tokens precede it, so their states do not see it)."""
+  cfg = dataclasses.replace(presets.get(preset), vocab_size=CFG.vocab_size, dtype="float32",
+                            attention_mask="causal")
+  m, toks = _model(cfg), _tokens()
+  seg = jnp.array([[1] * 8 + [0] * 4, [1] * 12])
+  changed = toks.at[0, 8:].set((toks[0, 8:] + 7) % CFG.vocab_size + 1)
+  _, aux, _ = m(toks, segment_ids_BL=seg)
+  _, aux_changed, _ = m(changed, segment_ids_BL=seg)
+  assert float(transformer.total_aux_loss(aux)) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               aux, aux_changed)
+
+
 def test_causal_cudnn_call_has_no_mask(monkeypatch):
   """With the causal promise, the cuDNN path asks for is_causal and passes no mask (the
   kernel itself is JAX's; here jax.nn's XLA implementation stands in for it on CPU)."""

@@ -222,10 +222,22 @@ def test_z_loss_entropy_definitions():
   p = _softmax(lg)[m]
   h_tok = -(p * np.log(p)).sum(-1).mean()
   assert abs(float(router.router_entropy(logits, mask)) - h_tok) < 1e-5
-  pbar = p.mean(0)
-  want = np.log(4) + (pbar * np.log(pbar)).sum()
+  # MoEUT's sigma-MoE regulariser: the softmax averaged over each sequence's real tokens.
+  p_GSE = _softmax(lg)
+  want = np.mean([np.log(4) + (pbar * np.log(pbar)).sum()
+                  for pbar in (p_GSE[i][m[i]].mean(0) for i in range(len(m)))])
   assert abs(float(router.entropy_regularizer(logits, mask)) - want) < 1e-5
   assert float(router.entropy_regularizer(jnp.zeros((1, 4, 4)), jnp.ones((1, 4)))) < 1e-6
+  # Each sequence collapsed onto its own expert: the batch-wide marginal is uniform, but the
+  # per-sequence one is not, so the regulariser is at its maximum log(E) and has a gradient.
+  collapsed = jnp.asarray(np.repeat(np.eye(4)[:, None, :] * 20.0, 3, axis=1), jnp.float32)
+  ones = jnp.ones((4, 3), jnp.int32)
+  assert float(router.entropy_regularizer(collapsed, ones)) > np.log(4) - 0.01
+  # A sequence without a real token does not count.
+  padded = jnp.concatenate([jnp.zeros((1, 3, 4)), collapsed[:1]], axis=0)
+  np.testing.assert_allclose(
+      float(router.entropy_regularizer(padded, jnp.asarray([[1, 1, 1], [0, 0, 0]]))), 0.0,
+      atol=1e-6)
 
 
 def test_jitter_only_with_rng():

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from openmoe_jax import attention as attn_lib
-from openmoe_jax import layers, switchhead, transformer
+from openmoe_jax import layers, router, switchhead, transformer
 from openmoe_jax.config import ModelConfig, MoeConfig, SwitchHeadConfig
 
 CFG = ModelConfig(vocab_size=50, d_model=24, n_layers=4, n_heads=3, head_dim=10, d_ff=32,
@@ -136,17 +136,23 @@ def test_entropy_regulariser_and_its_aux_loss():
   for b in range(2):
     mean = p[b][mask[b] == 1].mean(0)  # [H, E]
     want.append(np.mean(np.log(4) + np.sum(mean * np.log(mean), -1)))
-  got = switchhead.entropy_regularizer(jnp.asarray(logits), jnp.asarray(mask))
+  got = router.entropy_regularizer(jnp.asarray(logits), jnp.asarray(mask))
   np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-5)
-  assert abs(float(switchhead.entropy_regularizer(jnp.zeros((1, 3, 2, 4)),
-                                                  jnp.ones((1, 3))))) < 1e-6
-  # In a model: weight / repeats * (H_v + H_o) per block, summed by total_aux_loss.
-  model = transformer.Transformer(CFG, nnx.Rngs(0))
+  assert abs(float(router.entropy_regularizer(jnp.zeros((1, 3, 2, 4)), jnp.ones((1, 3))))) < 1e-6
+  # In a model: weight / repeats * (H_v + H_o) per block, and the same for a sigma-MoE FFN's
+  # entropy (MoEUT: one term per shared module, its repeats pooled), summed by total_aux_loss.
+  moe = MoeConfig(num_experts=6, top_k=2, d_expert=8, router="sigma", dropless=True,
+                  dispatch="gmm", load_balance_weight=0.0, z_loss_weight=0.0,
+                  entropy_weight=0.01)
+  cfg = dataclasses.replace(CFG, moe=moe)
+  model = transformer.Transformer(cfg, nnx.Rngs(0))
   _, aux, _ = model(jnp.asarray(rng.integers(1, 50, (2, 6))))
   blocks = aux["segment0"]
-  repeats = CFG.n_layers // CFG.n_shared_groups
-  want = sum(CFG.switchhead.entropy_weight / repeats * float(jnp.sum(b["attn_entropy_loss"]))
+  repeats = cfg.n_layers // cfg.n_shared_groups
+  want = sum(cfg.switchhead.entropy_weight / repeats * float(jnp.sum(b["attn_entropy_loss"])) +
+             moe.entropy_weight / repeats * float(jnp.sum(b["entropy_loss"]))
              for b in blocks.values())
+  assert all(float(jnp.min(b["entropy_loss"])) > 0 for b in blocks.values())
   np.testing.assert_allclose(float(transformer.total_aux_loss(aux)), want, rtol=1e-5)
 
 
