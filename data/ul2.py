@@ -77,9 +77,13 @@ def raw_length(d: Denoiser, budget: int, mode_len: int, max_spans: int) -> int:
 
 
 def _counts_tf(length, noise_density: float, mean_span: float, max_spans: int):
-  lf = tf.cast(length, tf.float32)
+  """`noise_counts` in TF, for lengths known only in the graph. Float64 as Python's floats:
+  in float32, 0.15 rounds up, so at lengths such as 30, 190 or 350 one more noise token and
+  one more span came out than `raw_length` budgeted for, and the packer cut the example's end
+  (its EOS) off."""
+  lf = tf.cast(length, tf.float64)
   num_noise = tf.clip_by_value(tf.cast(tf.round(lf * noise_density), tf.int32), 1, length - 1)
-  num_spans = tf.maximum(tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_span),
+  num_spans = tf.maximum(tf.cast(tf.round(tf.cast(num_noise, tf.float64) / mean_span),
                                  tf.int32), 1)
   num_spans = tf.minimum(tf.minimum(num_spans, num_noise),
                          tf.minimum(length - num_noise, max_spans))
