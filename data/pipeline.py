@@ -17,6 +17,7 @@ import seqio
 import tensorflow as tf
 
 from openmoe_jax.data import mixtures as mixtures_lib
+from openmoe_jax.data import tasks as tasks_lib
 from openmoe_jax.data import vocab as vocab_lib
 
 BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -198,7 +199,8 @@ def get_dataset(config: DataConfigLike, split: str, seq_len: int, seed: int,
   train = split == "train"
   return provider.get_dataset(
       sequence_length={"inputs": seq_len, "targets": seq_len}, split=split,
-      use_cached=False, shuffle=train, seed=seed, num_epochs=num_epochs,
+      use_cached=False, shuffle=train, seed=tasks_lib.host_seed(seed, shard_index),
+      num_epochs=num_epochs,
       shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
       trim_output_features=True)
 
@@ -210,7 +212,8 @@ def make_iterator(config: DataConfigLike, split: str, batch_size: int, seq_len: 
 
   split: "train" (shuffled) or "validation" (unshuffled, same order every time). Both repeat
   forever unless num_epochs is given; with num_epochs the stream ends (StopIteration) and the
-  last batch is padded with empty rows. `seed` drives shuffling and the denoisers.
+  last batch is padded with empty rows. `seed` (0 <= seed < 2**24) drives shuffling and the
+  denoisers, each host's own draws (tasks.host_seed).
   shard_index/num_shards: jax.process_index()/process_count().
   """
   if split not in ("train", "validation"):

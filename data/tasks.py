@@ -27,6 +27,18 @@ TFDS_DATASETS: dict[str, tuple[str, str]] = {
     "the_stack": ("the_stack_dedup:1.0.0", "content"),
 }
 SHUFFLE_BUFFER = 1024
+# Host h of a run with data seed s hands seqio the seed s + h * HOST_SEED_STRIDE, so every host
+# draws its own shuffles, windows and denoisers (with one seed, example k of every host got the
+# same denoiser, window and mask). The in-memory sources permute their documents by
+# s = seed % HOST_SEED_STRIDE, the same on every host, so the hosts' shards stay disjoint.
+HOST_SEED_STRIDE = 1 << 24
+
+
+def host_seed(seed: int, shard_index: int) -> int:
+  """The seed seqio gets on host `shard_index` for data seed `seed` (0 <= seed < stride)."""
+  if not 0 <= seed < HOST_SEED_STRIDE:
+    raise ValueError(f"DataConfig.seed={seed}; expected 0 <= seed < {HOST_SEED_STRIDE}")
+  return seed + shard_index * HOST_SEED_STRIDE
 
 
 def task_name(corpus: str, ul2: bool) -> str:
@@ -59,8 +71,9 @@ def _in_memory_dataset_fn(source_key: tuple[str, ...], vocab_path: str | None):
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     flat, row_splits = _tokenized(source_key, vocab_path, split)
     order = np.arange(len(row_splits) - 1)
-    if shuffle_files:  # same permutation on every host (same seed) so host shards are disjoint
-      order = np.random.default_rng(0 if seed is None else seed).permutation(order)
+    if shuffle_files:  # the same permutation on every host, so host shards are disjoint
+      order = np.random.default_rng(0 if seed is None else seed % HOST_SEED_STRIDE
+                                    ).permutation(order)
     ragged = tf.RaggedTensor.from_row_splits(flat, row_splits, validate=False)
     ragged = tf.gather(ragged, order)
     return tf.data.Dataset.from_tensor_slices({"targets": ragged})
