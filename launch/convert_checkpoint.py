@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     return 0
   model = presets.get(args.preset)
   data = DataConfig(vocab_path=args.vocab_path)
+  if args.format == "moeut":  # a causal LM: sample and fine-tune it as one
+    data = DataConfig(vocab_path=args.vocab_path, mixture="stdlib_lm", ul2=False)
   optim = dataclasses.replace(OptimConfig(), name=args.optimizer)
   if args.format == "t5x":
     from openmoe_jax.convert import openmoe

@@ -18,13 +18,17 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--top_k", type=int, default=0)
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--prompt_attention", choices=("auto", "bidirectional", "causal"),
+                      default="auto", help="auto: as the model trained (bidirectional over the "
+                      "prompt after UL2, causal after causal-LM training)")
   args = parser.parse_args(argv)
+  prefix_lm = {"auto": None, "bidirectional": True, "causal": False}[args.prompt_attention]
   from openmoe_jax import inference  # pylint: disable=import-outside-toplevel
   try:
     session = inference.load(args.workdir)
     texts = session.complete(args.prompt or ["def "], max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed)
+                             seed=args.seed, prefix_lm=prefix_lm)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

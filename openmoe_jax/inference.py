@@ -40,12 +40,20 @@ class Session:
     return vocab_lib.decode(self.vocab, list(ids))
 
   def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Continuations of each prompt (prefix-LM: bidirectional over the prompt)."""
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               prefix_lm: bool | None = None) -> list[str]:
+    """Continuations of each prompt.
+
+    prefix_lm: attend over the prompt bidirectionally, as UL2 training does over its inputs.
+    None = as the model was trained: bidirectional after UL2 (DataConfig.ul2), causal after
+    plain causal-LM training (and for converted MoEUT checkpoints), which never saw a
+    bidirectional prefix.
+    """
     from openmoe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
     cfg = generate.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   max_new_tokens=max_new_tokens,
-                                  stop_tokens=(vocab_lib.eos_id(self.vocab),), prefix_lm=True)
+                                  stop_tokens=(vocab_lib.eos_id(self.vocab),),
+                                  prefix_lm=self.data.ul2 if prefix_lm is None else prefix_lm)
     outs = generate.generate(self.graphdef, self.params, [self.encode(p) for p in prompts], cfg,
                              jax.random.PRNGKey(seed))
     return [self.decode([t for t in ids if t != vocab_lib.eos_id(self.vocab)]) for ids in outs]

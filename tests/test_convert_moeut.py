@@ -197,6 +197,8 @@ def test_command_line_converts_with_a_preset(tmp_path):
                                   "moeut-tiny"]) == 0
   api, _ = moeut.convert(path, str(tmp_path / "api"), cfg, data_state={})
   cli_session, api_session = inference.load(str(tmp_path / "cli")), inference.load(api)
+  # MoEUT trains causal LMs: both workdirs say so, and sampling reads prompts causally.
+  assert not cli_session.data.ul2 and not api_session.data.ul2
   for x, y in zip(jax.tree.leaves(cli_session.params), jax.tree.leaves(api_session.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   tokens = np.arange(1, 9, dtype=np.int32)[None]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from openmoe_jax import generate, transformer
-from openmoe_jax.config import ModelConfig, MoeConfig, SwitchHeadConfig, UmoeConfig
+from openmoe_jax import generate, inference, transformer
+from openmoe_jax.config import DataConfig, ModelConfig, MoeConfig, SwitchHeadConfig, UmoeConfig
 
 V = 61
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=2, head_dim=16, d_ff=48,
@@ -78,14 +78,14 @@ def test_cached_decoding_equals_full_sequence(name):
                                atol=2e-4, rtol=2e-4, err_msg=f"{name} step {i}")
 
 
-def _greedy_reference(model, prompt, n, length=16):
+def _greedy_reference(model, prompt, n, length=16, prefix_lm=True):
   """Uncached: rerun the whole sequence each step (right-padded to a fixed length with segment
-  id 0, so one compiled forward serves every step); prefix = [BOS] + prompt."""
+  id 0, so one compiled forward serves every step); prefix = [BOS] + prompt (or none)."""
   forward = nnx.jit(lambda m, t, s, pf: m(t, segment_ids_BL=s, prefix_BL=pf)[0])
   seq, out = [0, *prompt], []
   for _ in range(n):
     t, seg, prefix = (np.zeros((1, length), np.int32) for _ in range(3))
-    t[0, :len(seq)], seg[0, :len(seq)], prefix[0, :len(prompt) + 1] = seq, 1, 1
+    t[0, :len(seq)], seg[0, :len(seq)], prefix[0, :len(prompt) + 1] = seq, 1, int(prefix_lm)
     logits = forward(model, jnp.asarray(t), jnp.asarray(seg), jnp.asarray(prefix))
     out.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     seq.append(out[-1])
@@ -104,6 +104,32 @@ def test_greedy_generate_equals_uncached_loop_batched_and_stops():
   cuts = [r.index(stop) + 1 if stop in r else 5 for r in refs]
   assert outs == [r[:c] for r, c in zip(refs, cuts)]
   assert generate.generate(graphdef, params, prompts[1:], cfg) == outs[1:]
+
+
+@pytest.mark.parametrize("ul2", [True, False])
+def test_session_reads_the_prompt_as_its_model_trained(ul2):
+  """Session.complete's default: a UL2 model reads its prompt bidirectionally (the prefix its
+  training inputs had), a causal LM (DataConfig.ul2=False, converted MoEUT) causally: it never
+  saw a bidirectional prefix. Both equal the uncached greedy loop with that mask."""
+  data = DataConfig(ul2=ul2, mixture="stdlib_ul2" if ul2 else "stdlib_lm")
+  model = _model(dataclasses.replace(BASE, vocab_size=2048, init_std=0.3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  session = inference.Session(graphdef, params, data, 0)
+  ids = session.encode("def f(x):")
+  want = {p: _greedy_reference(model, ids, 6, prefix_lm=p) for p in (True, False)}
+  assert want[True] != want[False]  # the mask matters for this model and prompt
+  assert session.complete(["def f(x):"], max_new_tokens=6) == [session.decode(want[ul2])]
+  assert session.complete(["def f(x):"], max_new_tokens=6, prefix_lm=not ul2) == [
+      session.decode(want[not ul2])]
+
+
+def test_generation_past_max_seq_len_is_refused():
+  model = _model(dataclasses.replace(BASE, max_seq_len=12))
+  graphdef, params = nnx.split(model, nnx.Param)
+  cfg = generate.SamplingConfig(max_new_tokens=6)
+  assert len(generate.generate(graphdef, params, [[5] * 5], cfg)[0]) == 6  # 1 + 5 + 6 = 12
+  with pytest.raises(ValueError, match="max_seq_len=12"):
+    generate.generate(graphdef, params, [[5] * 6], cfg)
 
 
 def test_sampling_filters_restrict_support_and_follow_probabilities():

@@ -185,8 +185,13 @@ def convert_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> tuple[Mode
   return cfg, ckpt_lib.unflatten(flat, abstract_params)
 
 
+# MoEUT trains causal LMs (no bidirectional prefix): sampling and fine-tuning the converted
+# model go on that way (inference.Session.complete reads DataConfig.ul2).
+CAUSAL_LM_DATA = DataConfig(mixture="stdlib_lm", ul2=False)
+
+
 def convert(path: str, out_workdir: str, model_cfg: ModelConfig, *,
-            optim: OptimConfig = OptimConfig(), data: DataConfig = DataConfig(),
+            optim: OptimConfig = OptimConfig(), data: DataConfig = CAUSAL_LM_DATA,
             train: TrainConfig = TrainConfig(), mesh: MeshConfig = MeshConfig(),
             data_state: dict[str, Any] | None = None) -> tuple[str, ModelConfig]:
   """Converts a MoEUTLM state dict into a new workdir at step 0; returns (workdir, config).
