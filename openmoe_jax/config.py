@@ -247,6 +247,11 @@ class ModelConfig:
       _check(self.n_shared_groups % self.moe.layer_period == 0,
              f"MoeConfig.layer_period={self.moe.layer_period} must divide n_shared_groups="
              f"{self.n_shared_groups}")
+      # "aabb" repeats each shared layer in place: consecutive layers share one FFN, so no
+      # layer_period > 1 can make layer i MoE iff i % period == offset.
+      _check(self.share_order != "aabb" or self.moe.layer_period == 1,
+             f"MoeConfig.layer_period={self.moe.layer_period} with share_order='aabb': its "
+             "repeats of a layer share one FFN, so MoE layers cannot alternate; use 'abab'")
 
   @property
   def resolved_head_dim(self) -> int:

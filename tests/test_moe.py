@@ -227,6 +227,13 @@ def test_layer_period_placement_and_aux_in_model():
   assert logits.shape == (2, 8, 32)
   assert aux["segment0"]["block1"]["expert_load_E"].shape == (2, E)  # 2 repeats of the unit
   assert float(transformer.total_aux_loss(aux)) > 0
+  # Layer sharing: "abab" keeps the rule (layers 1 and 3 are the MoE group's two repeats);
+  # "aabb" repeats a layer in place, so alternating FFNs cannot exist and are refused.
+  shared = dataclasses.replace(cfg, n_shared_groups=2)
+  model = transformer.Transformer(shared, nnx.Rngs(0))
+  assert [type(b.ffn).__name__ for b in model.segments[0].unit.blocks] == ["DenseFFN", "MoeFFN"]
+  with pytest.raises(ValueError, match="share_order='aabb'"):
+    dataclasses.replace(shared, share_order="aabb")
 
 
 @pytest.mark.skipif(not _has_gmm(), reason="needs the gmm kernels package")
