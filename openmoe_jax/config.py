@@ -82,6 +82,12 @@ class MoeConfig:
     _check(0 <= self.layer_offset < self.layer_period,
            f"MoeConfig.layer_offset={self.layer_offset}; expected 0..{self.layer_period - 1}")
     _positive("MoeConfig.group_size", self.group_size, allow_zero=True)
+    _check(not self.renormalize or self.router == "topk_softmax",
+           f"MoeConfig.renormalize renormalises top-k softmax weights; router={self.router!r} "
+           "has none to renormalise (sigma: raw sigmoid gates, as MoEUT)")
+    _check(not self.dropless or self.router != "expert_choice",
+           "MoeConfig.dropless=True routes every token by token choice; router='expert_choice' "
+           "gives each expert a capacity (set by capacity_factor_*) by construction")
     _positive("MoeConfig.min_capacity", self.min_capacity, allow_zero=True)
     _check(0.0 <= self.expert_dropout < 1.0,
            f"MoeConfig.expert_dropout={self.expert_dropout}; expected [0, 1)")

@@ -35,8 +35,8 @@ def _cfg(dispatch="einsum", **moe_kw):
   kw.update(moe_kw)
   if dispatch == "einsum":
     kw["dropless"] = False
-  if dispatch == "shard_map":  # dropless only (the reference then drops nothing either)
-    kw["dropless"] = True
+  if dispatch == "shard_map" and kw.get("router") != "expert_choice":
+    kw["dropless"] = True  # token choice: dropless only (the reference then drops nothing)
   return ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=32, dtype="float32",
                      moe=MoeConfig(**kw))
 
@@ -134,10 +134,10 @@ def test_backends_agree_in_gradient(case):
   x, mask = _x_mask(1)
   ct = jax.random.normal(jax.random.key(3), x.shape)
   results = {d: _loss_and_grads(_cfg(d, **CASES[case]), x, mask, ct) for d in BACKENDS}
-  # shard_map is dropless only: its peer is ragged with dropless=True (itself checked against the
-  # float64 reference above), not the capacity-dropping einsum.
+  # shard_map is dropless only under token choice: its peer is ragged with dropless=True (itself
+  # checked against the float64 reference above), not the capacity-dropping einsum.
   peers = {d: "einsum" for d in BACKENDS[1:]}
-  if "shard_map" in results:
+  if "shard_map" in results and case != "expert_choice":
     kw = {**CASES[case], "dropless": True}
     results["ragged_dropless"] = _loss_and_grads(_cfg("ragged", **kw), x, mask, ct)
     peers["shard_map"] = "ragged_dropless"
@@ -234,6 +234,16 @@ def test_layer_period_placement_and_aux_in_model():
   assert [type(b.ffn).__name__ for b in model.segments[0].unit.blocks] == ["DenseFFN", "MoeFFN"]
   with pytest.raises(ValueError, match="share_order='aabb'"):
     dataclasses.replace(shared, share_order="aabb")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(router="sigma", renormalize=True), "renormalise"),
+    (dict(router="expert_choice", renormalize=True), "renormalise"),
+    (dict(router="expert_choice", dropless=True, dispatch="gmm"), "dropless"),
+])
+def test_options_a_router_would_ignore_are_refused(fields, message):
+  with pytest.raises(ValueError, match=message):
+    MoeConfig(**fields)
 
 
 @pytest.mark.skipif(not _has_gmm(), reason="needs the gmm kernels package")
