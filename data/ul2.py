@@ -15,6 +15,7 @@ non-noise; each noise span is replaced by one sentinel in the inputs, and the ta
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Mapping, Sequence
 
@@ -74,6 +75,25 @@ def raw_length(d: Denoiser, budget: int, mode_len: int, max_spans: int) -> int:
       return n
     n -= 1
   raise ValueError(f"sequence budget {budget} is too short for denoiser {d}.")
+
+
+def capped_spans(denoisers: Sequence[Denoiser], lengths: Sequence[int],
+                 max_spans: int) -> list[str]:
+  """One line per span-corruption denoiser whose window of lengths[i] tokens needs more noise
+  spans than the vocabulary has sentinels: its spans are capped at `max_spans`, so they get
+  longer than its mean span (at seq_len 2048 with 100 sentinels, X(3, 0.5) and X(8, 0.5)
+  both end up near 9-10 tokens)."""
+  out = []
+  for d, n in zip(denoisers, lengths):
+    if d.mean_span == 0:
+      continue
+    num_noise, _ = noise_counts(n, d.noise_density, d.mean_span, max_spans)
+    wanted = max(int(round(num_noise / d.mean_span)), 1)
+    if wanted > max_spans:
+      out.append(f"{d.name}(mean span {d.mean_span:g}, noise {d.noise_density:g}) on "
+                 f"{n}-token windows wants {wanted} spans, the vocabulary has {max_spans} "
+                 f"sentinels: mean span {num_noise / max_spans:.1f} instead")
+  return out
 
 
 def _counts_tf(length, noise_density: float, mean_span: float, max_spans: int):
@@ -178,6 +198,8 @@ def ul2_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     raise ValueError("UL2 span corruption needs a vocabulary with extra_ids (sentinels).")
   mode_ids = {m: vocab_lib.mode_token_ids(vocab, m) for m in {d.mode for d in denoisers}}
   lengths = [raw_length(d, budget, len(mode_ids[d.mode]), max_spans) for d in denoisers]
+  for line in capped_spans(denoisers, lengths, max_spans):
+    logging.getLogger(__name__).warning("UL2: %s", line)
   vocab_size = int(vocab.vocab_size)
 
   @seqio.map_over_dataset(num_seeds=1)

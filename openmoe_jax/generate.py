@@ -118,11 +118,14 @@ def generate(graphdef: Any, params: Any, prompts: Sequence[Sequence[int]], cfg: 
              rng: jax.Array | None = None) -> list[list[int]]:
   """New tokens per prompt (stop token included, nothing after it)."""
   tokens_BL, seg_BL = pad_prompts(prompts)
-  max_len = nnx.merge(graphdef, params).cfg.max_seq_len
-  if tokens_BL.shape[1] + cfg.max_new_tokens > max_len:
+  model_cfg = nnx.merge(graphdef, params).cfg
+  if tokens_BL.shape[1] + cfg.max_new_tokens > model_cfg.max_seq_len:
     raise ValueError(f"[BOS] + the longest prompt ({tokens_BL.shape[1]} tokens) + "
                      f"max_new_tokens={cfg.max_new_tokens} exceed the model's "
-                     f"ModelConfig.max_seq_len={max_len}")
+                     f"ModelConfig.max_seq_len={model_cfg.max_seq_len}")
+  if cfg.top_k > model_cfg.vocab_size:
+    raise ValueError(f"top_k={cfg.top_k}; expected <= the vocabulary size "
+                     f"{model_cfg.vocab_size} (or 0 = all)")
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out_BT = np.asarray(_generate_jit(graphdef, params, jnp.asarray(tokens_BL),
                                     jnp.asarray(seg_BL), rng, cfg))

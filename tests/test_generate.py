@@ -123,13 +123,15 @@ def test_session_reads_the_prompt_as_its_model_trained(ul2):
       session.decode(want[not ul2])]
 
 
-def test_generation_past_max_seq_len_is_refused():
+def test_generation_past_max_seq_len_or_with_top_k_past_the_vocabulary_is_refused():
   model = _model(dataclasses.replace(BASE, max_seq_len=12))
   graphdef, params = nnx.split(model, nnx.Param)
   cfg = generate.SamplingConfig(max_new_tokens=6)
   assert len(generate.generate(graphdef, params, [[5] * 5], cfg)[0]) == 6  # 1 + 5 + 6 = 12
   with pytest.raises(ValueError, match="max_seq_len=12"):
     generate.generate(graphdef, params, [[5] * 6], cfg)
+  with pytest.raises(ValueError, match=f"top_k={V + 1}; expected <= the vocabulary size {V}"):
+    generate.generate(graphdef, params, [[5]], dataclasses.replace(cfg, top_k=V + 1))
 
 
 def test_sampling_filters_restrict_support_and_follow_probabilities():

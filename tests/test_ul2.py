@@ -143,6 +143,21 @@ def test_graph_noise_counts_equal_the_budgeted_ones():
     np.testing.assert_array_equal(np.stack([noise.numpy(), spans.numpy()], 1), want, str(d))
 
 
+def test_span_counts_capped_by_the_sentinels_are_reported():
+  """100 sentinels cap the span count: at seq_len 2048 X(3, 0.5) and X(8, 0.5) would want 308
+  and 115 spans; the pipeline says so (they become one denoiser of ~9-token spans)."""
+  lengths = {b: [ul2.raw_length(d, b, 1, 100) for d in ul2.DEFAULT_DENOISERS]
+             for b in (255, 2047)}
+  assert ul2.capped_spans(ul2.DEFAULT_DENOISERS, lengths[255], 100) == []
+  capped = ul2.capped_spans(ul2.DEFAULT_DENOISERS, lengths[2047], 100)
+  assert len(capped) == 2 and all(line.startswith("X(mean span ") for line in capped)
+  for line, d in zip(capped, ul2.DEFAULT_DENOISERS[3:5]):
+    n = lengths[2047][ul2.DEFAULT_DENOISERS.index(d)]
+    noise, spans = ul2.noise_counts(n, d.noise_density, d.mean_span, 100)
+    assert spans == 100 and f"mean span {noise / 100:.1f} instead" in line
+    assert f"wants {round(noise / d.mean_span)} spans" in line
+
+
 def test_denoising_is_deterministic_per_seed(vocab):
   a, _, _ = _denoise_many(vocab, 20, base=3)
   b, _, _ = _denoise_many(vocab, 20, base=3)
