@@ -299,7 +299,7 @@ class OptimConfig:
   decay_steps: int = 0  # cosine decay length; 0 = TrainConfig.steps
   min_lr_ratio: float = 0.1  # final lr / peak lr for cosine
   b1: float = 0.9  # Adam beta1 / Adafactor momentum (0 = none)
-  b2: float = 0.95  # Adam beta2 / Adafactor decay rate
+  b2: float = 0.95  # Adam beta2 (Adafactor's second-moment decay exponent is T5X's 0.8)
   eps: float = 1e-8  # Adam epsilon
   weight_decay: float = 0.1  # decoupled weight decay (not on norms, biases)
   clip_norm: float = 1.0  # global gradient norm clip; 0 = off
