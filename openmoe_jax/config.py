@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
+# openmoe_swiglu: OpenMoE's SwiGLU, a gate twice as wide, (g1 * silu(g2)) * up (layers.activate)
+ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "openmoe_swiglu")
 ROUTERS = ("topk_softmax", "sigma", "expert_choice")
 DISPATCHES = ("einsum", "ragged", "gmm", "shard_map")  # shard_map: openmoe_jax.expert_parallel
 EXCHANGES = ("auto", "dense", "ragged")  # expert all-to-all of dispatch="shard_map"

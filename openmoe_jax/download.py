@@ -27,11 +27,11 @@ from tqdm import tqdm
 # the optimizer state; the real total is printed from the bucket listing before anything copies.
 RELEASED: dict[str, dict[str, Any]] = {
     "openmoe-base": {"path": "gs://openmoe/openmoe-base/checkpoint_500000",
-                     "params": "637M (README) / 705M (ours)", "est_gb": 2.8},
+                     "params": "637M (README) / 800M (ours)", "est_gb": 3.2},
     "openllama-base": {"path": "gs://openmoe/openllama-base/checkpoint_500000",
-                       "params": "310M (README) / 479M (ours)", "est_gb": 1.9},
+                       "params": "310M (README) / 498M (ours)", "est_gb": 2.0},
     "openmoe-8b": {"path": "gs://openmoe/openmoe-8b/checkpoint_100000",
-                   "params": "8B (README) / 9.3B (ours)", "est_gb": 37.2},
+                   "params": "8B (README) / 11.9B (ours)", "est_gb": 47.4},
 }
 MANIFEST = "download_manifest.json"
 PARTIAL = ".partial"

@@ -164,20 +164,31 @@ def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) 
 
 
 def activate(name: str, gate: jax.Array, up: jax.Array | None) -> jax.Array:
-  """FFN non-linearity: gated (swiglu, geglu) uses `up`; plain (relu, gelu) ignores it."""
+  """FFN non-linearity: gated (swiglu, geglu, openmoe_swiglu) uses `up`; plain (relu, gelu)
+  ignores it. openmoe_swiglu is OpenMoE's: its gate is twice as wide ([.., 2F], `gate_width`)
+  and its first half is gated by SiLU of the second, (g1 * silu(g2)) * up (the flaxformer fork
+  and ColossalAI's OpenMoE both compute it so)."""
   if name == "swiglu":
     return jax.nn.silu(gate) * up
+  if name == "openmoe_swiglu":
+    g1, g2 = jnp.split(gate, 2, axis=-1)
+    return g1 * jax.nn.silu(g2) * up
   if name == "geglu":
     return jax.nn.gelu(gate) * up
   if name == "relu":
     return jax.nn.relu(gate)
   if name == "gelu":
     return jax.nn.gelu(gate)
-  raise ValueError(f"activation={name!r}; expected swiglu, geglu, relu or gelu")
+  raise ValueError(f"activation={name!r}; expected swiglu, geglu, openmoe_swiglu, relu or gelu")
 
 
 def is_gated(name: str) -> bool:
-  return name in ("swiglu", "geglu")
+  return name in ("swiglu", "geglu", "openmoe_swiglu")
+
+
+def gate_width(name: str, f: int) -> int:
+  """Width of the gate projection of an FFN of hidden width f."""
+  return 2 * f if name == "openmoe_swiglu" else f
 
 
 class MLP(nnx.Module):
@@ -189,8 +200,8 @@ class MLP(nnx.Module):
     self.activation = cfg.activation
     self.dtype = dtype_of(cfg.dtype)
     std_in = cfg.init_std
-    self.w_gate_DF = param(rngs, normal(std_in), (cfg.d_model, d_ff), (ax.EMBED, ax.MLP),
-                           cfg.param_dtype)
+    self.w_gate_DF = param(rngs, normal(std_in), (cfg.d_model, gate_width(cfg.activation, d_ff)),
+                           (ax.EMBED, ax.MLP), cfg.param_dtype)
     self.w_up_DF = (param(rngs, normal(std_in), (cfg.d_model, d_ff), (ax.EMBED, ax.MLP),
                           cfg.param_dtype) if is_gated(cfg.activation) else None)
     self.w_out_FD = param(rngs, normal(cfg.init_std * out_std_scale), (d_ff, cfg.d_model),

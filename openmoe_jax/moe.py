@@ -85,7 +85,8 @@ class MoeFFN(nnx.Module):
     d, e, f = cfg.d_model, cfg.moe.num_experts, expert_width(cfg)
     std, pdt = cfg.init_std, cfg.param_dtype
     self.w_router_DE = layers.param(rngs, layers.normal(std), (d, e), (ax.EMBED, None), pdt)
-    self.w_gate_EDF = layers.param(rngs, layers.normal(std), (e, d, f),
+    self.w_gate_EDF = layers.param(rngs, layers.normal(std),
+                                   (e, d, layers.gate_width(cfg.moe.activation, f)),
                                    (ax.EXPERT, ax.EMBED, ax.EXPERT_MLP), pdt)
     self.w_up_EDF = (layers.param(rngs, layers.normal(std), (e, d, f),
                                   (ax.EXPERT, ax.EMBED, ax.EXPERT_MLP), pdt)
@@ -227,7 +228,7 @@ class MoeFFN(nnx.Module):
       weight_sorted_M = weight_M[order_M]
 
     # Gate and up projections as one grouped matmul over [E, D, 2F]: x is gathered once, and
-    # the gmm backward scatters one [M, D] row gradient instead of two.
+    # the gmm backward scatters one [M, D] row gradient instead of two. f: the gate's width.
     f = w_gate.shape[2]
     w_in = w_gate if w_up is None else jnp.concatenate([w_gate, w_up], axis=2)
     if backend == "ragged":

@@ -11,7 +11,8 @@ from openmoe_jax.config import ModelConfig
 
 
 def _mlp(d: int, f: int, activation: str) -> int:
-  return (3 if layers.is_gated(activation) else 2) * d * f
+  up = d * f if layers.is_gated(activation) else 0
+  return d * layers.gate_width(activation, f) + up + f * d
 
 
 def _attention(cfg: ModelConfig) -> int:

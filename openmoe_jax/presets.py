@@ -8,8 +8,11 @@ Sources of the real shapes:
     dense FFN width (intermediate_size); every MoE layer *also* has a dense "extra_mlp" of that
     width, applied after the experts with its own norm and residual
     (ModelConfig.extra ("moe_extra_mlp", "sequential"), the function convert/openmoe.py proves).
-    umT5 vocabulary 256384, untied head, SwiGLU, RoPE, 2K context, router z-loss 1e-4,
+    umT5 vocabulary 256384, untied head, RoPE, 2K context, router z-loss 1e-4,
     balance loss 0.01, capacity 1.25 train / 2.0 eval with min capacity 4, output z-loss 0.01.
+    Every MLP (dense, expert, extra) is OpenMoE's SwiGLU ("openmoe_swiglu"): gate_proj of width
+    2 * intermediate_size, split in halves, g1 * silu(g2), times up_proj (OpenMoeMLP, and the
+    T5X wi_0 kernels are [D, 2F]); not the Llama SwiGLU silu(gate) * up.
   openllama-base: "dense counterpart of openmoe-base" (OpenMoE README): the same without experts.
   open_lm-moe: open_lm MOE.md (--moe-freq 2 --moe-num-experts 8 --moe-top-k 2
     --moe-capacity-factor 1.25 --moe-loss-weight 0.1) on open_lm_410m.json (d 1024, 24 layers,
@@ -29,12 +32,13 @@ def _openmoe(d_model: int, n_layers: int, n_heads: int, head_dim: int, d_ff: int
              num_experts: int, interval: int) -> ModelConfig:
   return ModelConfig(
       vocab_size=256384, d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim,
-      d_ff=d_ff, activation="swiglu", norm_eps=1e-6, tie_embeddings=False, rope_theta=10000.0,
+      d_ff=d_ff, activation="openmoe_swiglu", norm_eps=1e-6, tie_embeddings=False, rope_theta=10000.0,
       max_seq_len=2048, z_loss=0.01, extra=(("moe_extra_mlp", "sequential"),),
       moe=MoeConfig(num_experts=num_experts, top_k=2, router="topk_softmax",
                     capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4,
                     load_balance_weight=0.01, z_loss_weight=1e-4, num_shared_experts=0,
-                    layer_period=interval, layer_offset=interval - 1, activation="swiglu"))
+                    layer_period=interval, layer_offset=interval - 1,
+                    activation="openmoe_swiglu"))
 
 
 def openmoe_base() -> ModelConfig:
@@ -93,8 +97,10 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 # Published parameter counts (total, active; None = not published), with their sources.
 PUBLISHED: dict[str, tuple[float | None, float | None, str]] = {
     "openmoe-base": (637e6, None, "HF OrionZheng/openmoe-base README: 637M"),
-    "openmoe-8b": (8e9, None, "HF README / paper: 'OpenMoE-8B' (rounded name)"),
-    "openmoe-34b": (34e9, None, "HF README / paper: 'OpenMoE-34B' (rounded name)"),
+    "openmoe-8b": (8e9, None, "HF README / paper: 'OpenMoE-8B' (rounded name, counting the "
+                   "MLPs as Llama SwiGLU)"),
+    "openmoe-34b": (34e9, None, "HF README / paper: 'OpenMoE-34B' (rounded name, counting the "
+                    "MLPs as Llama SwiGLU)"),
     "open_lm-moe": (1.1e9, 509.2e6, "open_lm MOE.md, 410M x 8 experts: 1.1B / 509.2M"),
 }
 

@@ -16,10 +16,10 @@ V, D, H, K, F, E, LAYERS, INTERVAL, STEP = 2048, 32, 4, 8, 64, 4, 4, 2, 1000
 # OpenMoE-shaped config as the presets give it (extra MLP as one shared expert); dropless eval
 # routing so the reference below needs no capacity.
 MODEL = ModelConfig(vocab_size=0, d_model=D, n_layers=LAYERS, n_heads=H, head_dim=K, d_ff=F,
-                    dtype="float32", max_seq_len=64,
+                    dtype="float32", max_seq_len=64, activation="openmoe_swiglu",
                     moe=MoeConfig(num_experts=E, top_k=2, d_expert=F, layer_period=INTERVAL,
                                   layer_offset=INTERVAL - 1, capacity_factor_eval=0.0,
-                                  num_shared_experts=1))
+                                  num_shared_experts=1, activation="openmoe_swiglu"))
 
 
 def raw_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -39,14 +39,14 @@ def raw_params(seed: int = 0) -> dict[str, np.ndarray]:
     p[pre + "self_attention/out/kernel"] = n(H * K, D)
     if (i + 1) % INTERVAL == 0:
       p[pre + "mlp/router/router_weights/w/kernel"] = (3.0 * n(D, E)).astype(np.float32)
-      p[pre + "mlp/expert/wi_0/kernel"] = n(E, D, F)
+      p[pre + "mlp/expert/wi_0/kernel"] = n(E, D, 2 * F)  # OpenMoE's SwiGLU: a 2F gate
       p[pre + "mlp/expert/wi_1/kernel"] = n(E, D, F)
       p[pre + "mlp/expert/wo/kernel"] = n(E, F, D)
       p[pre + "pre_extra_mlp_layer_norm/scale"] = scale()
       mlp = "extra_mlp"
     else:
       mlp = "mlp"
-    p[pre + f"{mlp}/wi_0/kernel"] = n(D, F)
+    p[pre + f"{mlp}/wi_0/kernel"] = n(D, 2 * F)
     p[pre + f"{mlp}/wi_1/kernel"] = n(D, F)
     p[pre + f"{mlp}/wo/kernel"] = n(F, D)
   return p
@@ -106,7 +106,11 @@ def reference_logits(p: dict[str, np.ndarray], tokens_BL: np.ndarray) -> np.ndar
   b, l = tokens_BL.shape
   rms = lambda x, s: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * s  # noqa: E731
   silu = lambda x: x / (1.0 + np.exp(-x))  # noqa: E731
-  ffn = lambda x, w0, w1, wo: (silu(x @ w0) * (x @ w1)) @ wo  # noqa: E731
+
+  def ffn(x, w0, w1, wo):  # OpenMoeMLP: SwiGLU(x1, x2) = x1 * silu(x2) on gate_proj's halves
+    g = x @ w0
+    return (g[..., :F] * silu(g[..., F:]) * (x @ w1)) @ wo
+
   freq = 1.0 / 10000.0 ** (np.arange(0, K, 2) / K)
   angle = np.arange(l)[:, None] * freq[None, :]
   angle = np.concatenate([angle, angle], -1)[None, :, None, :]  # [1, L, 1, K]
@@ -181,6 +185,11 @@ def test_converted_logits_match_independent_openmoe_forward(synthetic, tmp_path)
   unscaled = {k: v / np.sqrt(K) for k, v in params.items() if k.endswith("query/kernel")}
   assert not np.allclose(reference_logits({**params, **unscaled}, tokens),
                          reference_logits(params, tokens), atol=1e-2)
+  # ... and to which half of wi_0 the SiLU gates: with the halves swapped it fails too.
+  swapped = {k: np.concatenate([v[..., F:], v[..., :F]], -1) for k, v in params.items()
+             if k.endswith("wi_0/kernel")}
+  assert not np.allclose(reference_logits({**params, **swapped}, tokens),
+                         reference_logits(params, tokens), atol=1e-2)
 
 
 def test_missing_parameter_fails_and_writes_nothing(tmp_path):
@@ -209,7 +218,7 @@ def test_shape_mismatch_names_parameter_and_both_shapes(synthetic, tmp_path):
   _, directory = synthetic
   import dataclasses
   wrong = dataclasses.replace(MODEL, d_ff=48, moe=dataclasses.replace(MODEL.moe, d_expert=48))
-  with pytest.raises(ValueError, match=r"mlp/wi_0/kernel' has shape \(32, 64\).*needs \(32, 48\)"):
+  with pytest.raises(ValueError, match=r"mlp/wi_0/kernel' has shape \(32, 128\).*needs \(32, 96\)"):
     openmoe.convert(directory, str(tmp_path / "work"), wrong, data_state={})
   with pytest.raises(NotImplementedError, match="norm_eps"):
     openmoe.convert(directory, str(tmp_path / "work"),

@@ -42,8 +42,12 @@ def _cfg(dispatch="einsum", **moe_kw):
 
 
 def _act(name, gate, up):
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
   if name == "swiglu":
-    return gate / (1 + np.exp(-gate)) * up
+    return silu(gate) * up
+  if name == "openmoe_swiglu":  # OpenMoE: a 2F-wide gate, first half gated by SiLU of the second
+    f = up.shape[-1]
+    return gate[..., :f] * silu(gate[..., f:]) * up
   if name == "relu":
     return np.maximum(gate, 0)
   raise NotImplementedError(name)
@@ -90,6 +94,7 @@ CASES = {
                                   renormalize=True),
     "relu_top1": dict(activation="relu", top_k=1, min_capacity=2),
     "dropless": dict(dropless=True),
+    "openmoe_swiglu": dict(activation="openmoe_swiglu"),
     "sigma": dict(router="sigma", top_k=2, capacity_factor_eval=0.0, entropy_weight=0.01),
     "expert_choice": dict(router="expert_choice", top_k=1),
     "group_size": dict(group_size=8),
@@ -129,7 +134,8 @@ def _loss_and_grads(cfg, x, mask, ct):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
 
-@pytest.mark.parametrize("case", ["topk_tight_bpr_renorm", "sigma", "expert_choice"])
+@pytest.mark.parametrize("case", ["topk_tight_bpr_renorm", "sigma", "expert_choice",
+                                  "openmoe_swiglu"])
 def test_backends_agree_in_gradient(case):
   x, mask = _x_mask(1)
   ct = jax.random.normal(jax.random.key(3), x.shape)

@@ -5,19 +5,23 @@ T5X parameter tree (names as in ColossalAI's examples/language/openmoe convert_o
   decoder/logits_dense/kernel [D, V] (untied head)    decoder/layers_i/...:
     pre_self_attention_layer_norm/scale [D]           self_attention/{query,key,value}/kernel [D, H*K]
     self_attention/out/kernel [H*K, D]                pre_mlp_layer_norm/scale [D]
-    dense layer: mlp/{wi_0,wi_1}/kernel [D, F], mlp/wo/kernel [F, D]
+    dense layer: mlp/wi_0/kernel [D, 2F], mlp/wi_1/kernel [D, F], mlp/wo/kernel [F, D]
     MoE layer ((i + 1) % interval == 0): mlp/router/router_weights/w/kernel [D, E],
-      mlp/expert/{wi_0,wi_1}/kernel [E, D, F], mlp/expert/wo/kernel [E, F, D],
-      pre_extra_mlp_layer_norm/scale [D], extra_mlp/{wi_0,wi_1,wo}/kernel (a dense MLP)
+      mlp/expert/wi_0/kernel [E, D, 2F], mlp/expert/wi_1/kernel [E, D, F],
+      mlp/expert/wo/kernel [E, F, D], pre_extra_mlp_layer_norm/scale [D],
+      extra_mlp/{wi_0,wi_1,wo}/kernel (a dense MLP)
 Differences of OpenMoE's forward from ours, and how they are handled:
   - attention logits are not scaled by 1/sqrt(K) (T5 convention): the query kernel is
     multiplied by sqrt(K) (RoPE is linear, so scaling before it is the same);
   - the dense "extra MLP" of MoE layers runs *after* the experts with its own norm and residual:
     the model is built with ModelConfig.extra ("moe_extra_mlp", "sequential"); a config that
     models it as a parallel shared expert (presets' num_shared_experts=1) is rewritten to it;
-  - RoPE (half-split, theta 1e4, whole head), RMSNorm eps 1e-6, SwiGLU (wi_0 gated by SiLU,
-    wi_1 linear), top-2 softmax gates without renormalisation, untied unscaled head: the same as
-    ours; configs that differ raise NotImplementedError naming the difference.
+  - every MLP is OpenMoE's SwiGLU: wi_0 is twice as wide and computes g1 * silu(g2) from its
+    halves, times wi_1 (flaxformer fork's dense.py, ColossalAI's OpenMoeMLP, whose converter
+    loads wi_0 into a [2F, D] gate_proj strictly): the model's activation "openmoe_swiglu";
+  - RoPE (half-split, theta 1e4, whole head), RMSNorm eps 1e-6, top-2 softmax gates without
+    renormalisation, untied unscaled head: the same as ours; configs that differ raise
+    NotImplementedError naming the difference.
 """
 from __future__ import annotations
 
@@ -78,8 +82,9 @@ def openmoe_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
                  f"rotates whole heads with theta {OPENMOE_ROPE_THETA}")
   if cfg.norm_eps != OPENMOE_NORM_EPS:
     _unsupported(f"norm_eps={cfg.norm_eps}; OpenMoE's RMSNorm uses {OPENMOE_NORM_EPS}")
-  if cfg.activation != "swiglu":
-    _unsupported(f"activation={cfg.activation!r}; OpenMoE's MLPs are SwiGLU (wi_0 SiLU-gated)")
+  if cfg.activation != "openmoe_swiglu":
+    _unsupported(f"activation={cfg.activation!r}; OpenMoE's MLPs are its own SwiGLU "
+                 "('openmoe_swiglu': wi_0 [D, 2F], g1 * silu(g2) * (x @ wi_1))")
   if cfg.vocab_size not in (0, vocab_size):
     raise ValueError(f"ModelConfig.vocab_size={cfg.vocab_size} but the checkpoint's "
                      f"token_embedder/embedding has {vocab_size} rows")
@@ -87,9 +92,10 @@ def openmoe_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
   m = cfg.moe
   if m is None:
     return cfg
-  if m.router != "topk_softmax" or m.renormalize or m.activation != "swiglu":
+  if m.router != "topk_softmax" or m.renormalize or m.activation != "openmoe_swiglu":
     _unsupported(f"router={m.router!r}, renormalize={m.renormalize}, expert activation="
-                 f"{m.activation!r}; OpenMoE uses top-k softmax gates, not renormalised, SwiGLU")
+                 f"{m.activation!r}; OpenMoE uses top-k softmax gates, not renormalised, and "
+                 "its SwiGLU ('openmoe_swiglu')")
   if m.layer_offset != m.layer_period - 1:
     raise ValueError(f"MoeConfig.layer_offset={m.layer_offset}; OpenMoE's MoE layers are those "
                      f"with (i + 1) % {m.layer_period} == 0, i.e. layer_offset={m.layer_period - 1}")
