@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -73,13 +74,24 @@ def _write_run_files(workdir: str, config: dict[str, Any]) -> None:
       f.write(gin_setup.operative_config())
 
 
-def _check_resume_config(workdir: str, config: dict[str, Any]) -> None:
+def _check_resume_config(workdir: str, config: dict[str, Any], optim: OptimConfig,
+                         start: int) -> None:
   with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
     saved = json.load(f)
   for key in ("model", "data", "optim"):
     if json.loads(json.dumps(saved[key])) != json.loads(json.dumps(config[key], default=str)):
       raise ValueError(f"{workdir} holds a run with a different {key} config; "
                        "use a new --workdir or the same configuration to resume")
+  # Extending (or shortening) a run is allowed, but a cosine schedule without decay_steps is
+  # as long as the run: its learning rate changes from this step on. Say so.
+  was, now = saved["train"]["steps"], config["train"]["steps"]
+  if was != now and optim.schedule == "cosine" and not optim.decay_steps:
+    from openmoe_jax import optimizer  # pylint: disable=import-outside-toplevel
+    lr_was, lr_now = (float(optimizer.schedule(optim, n)(start)) for n in (was, now))
+    warnings.warn(f"resuming at step {start} with TrainConfig.steps={now} (the run started "
+                  f"with {was}): the cosine decay follows it, so the learning rate there is "
+                  f"{lr_now:.3g} (was {lr_was:.3g}); set OptimConfig.decay_steps in a new run "
+                  "to decouple the schedule from the run's length", stacklevel=2)
 
 
 def _to_global(batch: dict[str, np.ndarray], setup: ts.Setup) -> dict[str, jax.Array]:
@@ -145,7 +157,7 @@ def run(workdir: str, model: ModelConfig = ModelConfig(), data: DataConfig = Dat
     _write_run_files(workdir, config)
     state, start = ts.init_state(setup, train.seed), 0
   else:
-    _check_resume_config(workdir, config)
+    _check_resume_config(workdir, config, optim, start)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                             jax.eval_shape(lambda: ts.init_state(setup, train.seed)))
     state, data_state = ckpt.restore(abstract, setup.state_shardings, start)

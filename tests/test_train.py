@@ -55,6 +55,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   again = _train(tmp_path / "cut", 8)
   assert again["step"] == 8 and again["eval"]["loss"] == full["eval"]["loss"]
   assert _losses(tmp_path / "cut") == b
+  # Extending the run is allowed, but the cosine schedule, as long as the run, changes: said.
+  with pytest.warns(UserWarning, match=r"at step 8 with TrainConfig.steps=10 .* with 8\)"):
+    assert _train(tmp_path / "cut", 10)["step"] == 10
   # The end-of-run sample is the config's sampled continuation (not greedy): the same text
   # comes from the step-8 checkpoint restored onto one device and sampled the same way.
   sample = (tmp_path / "full" / "sample.txt").read_text(encoding="utf-8").rstrip("\n")
