@@ -3,7 +3,7 @@ gated MLP."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,23 @@ _lowp_einsum.defvjp(_lowp_fwd, _lowp_bwd)
 
 def normal(std: float) -> Initializer:
   return jax.nn.initializers.normal(stddev=std)
+
+
+def symmetric_uniform(bound: float) -> Initializer:
+  """U(-bound, bound): torch's nn.Linear default with bound = 1 / sqrt(fan_in)."""
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def renormed_normal(std: float, axis: int) -> Initializer:
+  """normal(std), then every vector along `axis` scaled to one norm, the tensor's std kept
+  (MoEUT's renorm_keep_std of the sigma-MoE's expert selection vectors)."""
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    w = jax.random.normal(key, shape, jnp.float32) * std
+    unit = w / jnp.linalg.norm(w, axis=axis, keepdims=True)
+    return (unit * (jnp.std(w) / jnp.std(unit))).astype(dtype)
+  return init
 
 
 def ones() -> Initializer:

@@ -84,7 +84,10 @@ class MoeFFN(nnx.Module):
     self.dtype = layers.dtype_of(cfg.dtype)
     d, e, f = cfg.d_model, cfg.moe.num_experts, expert_width(cfg)
     std, pdt = cfg.init_std, cfg.param_dtype
-    self.w_router_DE = layers.param(rngs, layers.normal(std), (d, e), (ax.EMBED, None), pdt)
+    # MoEUT gives every expert's selection vector the same norm (renorm_keep_std).
+    router_init = (layers.renormed_normal(std, axis=0) if cfg.init_scheme == "moeut"
+                   else layers.normal(std))
+    self.w_router_DE = layers.param(rngs, router_init, (d, e), (ax.EMBED, None), pdt)
     self.w_gate_EDF = layers.param(rngs, layers.normal(std),
                                    (e, d, layers.gate_width(cfg.moe.activation, f)),
                                    (ax.EXPERT, ax.EMBED, ax.EXPERT_MLP), pdt)

@@ -240,11 +240,15 @@ class Transformer(nnx.Module):
     self.segments = nnx.List([Segment(cfg, first, size, reps, shared, rngs)
                               for first, size, reps, shared in segment_plan(cfg)])
     self.final_norm = layers.make_norm(cfg, rngs)
+    # MoEUT never resets its lm_head: torch's nn.Linear default, U(+-1/sqrt(d)), bias too.
+    moeut = cfg.init_scheme == "moeut"
+    head_init = (layers.symmetric_uniform(cfg.d_model ** -0.5) if moeut
+                 else layers.normal(cfg.d_model ** -0.5))
     self.head_DV = None if cfg.tie_embeddings else layers.param(
-        rngs, layers.normal(cfg.d_model ** -0.5), (cfg.d_model, cfg.vocab_size),
-        (ax.EMBED, ax.VOCAB), cfg.param_dtype)
-    self.head_bias_V = layers.param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,),
-                                    (ax.VOCAB,), cfg.param_dtype) if cfg.head_bias else None
+        rngs, head_init, (cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB), cfg.param_dtype)
+    bias_init = head_init if moeut else jax.nn.initializers.zeros
+    self.head_bias_V = layers.param(rngs, bias_init, (cfg.vocab_size,), (ax.VOCAB,),
+                                    cfg.param_dtype) if cfg.head_bias else None
 
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, prefix_BL: jax.Array | None = None,

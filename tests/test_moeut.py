@@ -54,7 +54,8 @@ def test_moeut_counts_match_official_profiles_and_paper(capsys):
 
 
 def test_moeut_44m_forward_runs_and_is_sane():
-  """The official code crashes on this profile (rotary half-dimension 41); ours runs."""
+  """The profile's rotary half-dimension is odd (41; early official code crashed on it): ours
+  rotates 40 dims, as the official code now does, and runs."""
   cfg = dataclasses.replace(presets.get("moeut-44m"), dtype="float32", max_seq_len=16)
   model = transformer.Transformer(cfg, nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, 8000, (1, 12)))

@@ -180,7 +180,7 @@ def test_moeut_init_scales_and_param_count():
   cfg = ModelConfig(vocab_size=300, d_model=256, n_layers=8, n_heads=4, head_dim=64, d_ff=32,
                     dtype="float32", attention="switchhead",
                     switchhead=SwitchHeadConfig(num_experts=4), n_shared_groups=2,
-                    norm_scheme="peri", init_scheme="moeut",
+                    norm_scheme="peri", init_scheme="moeut", head_bias=True,
                     moe=MoeConfig(num_experts=16, top_k=2, d_expert=32, router="sigma",
                                   dropless=True, dispatch="ragged", activation="relu"))
   model = transformer.Transformer(cfg, nnx.Rngs(0))
@@ -192,6 +192,16 @@ def test_moeut_init_scales_and_param_count():
             "embedding": (model.embed.embedding_VD, 1 / 16)}
   for name, (w, want) in checks.items():
     assert abs(float(jnp.std(w[...])) / want - 1) < 0.05, name
+  # Router: every expert's selection vector has one norm (renorm_keep_std), std kept.
+  router = np.asarray(block.ffn.w_router_DE[...])
+  norms = np.linalg.norm(router, axis=-2)  # [repeats, E]
+  np.testing.assert_allclose(norms, norms.flat[0], rtol=1e-5)
+  assert abs(router.std() / (scale / 16) - 1) < 0.1
+  # Head: never reset in MoEUT, so torch's nn.Linear default U(+-1/sqrt(d)) (std 1/sqrt(3d)).
+  head = np.asarray(model.head_DV[...])
+  assert np.abs(head).max() <= 1 / 16 and abs(head.std() * math.sqrt(3 * 256) - 1) < 0.05
+  bias = np.asarray(model.head_bias_V[...])
+  assert np.abs(bias).max() <= 1 / 16 and abs(bias.std() * math.sqrt(3 * 256) - 1) < 0.2
   from openmoe_jax import params  # pylint: disable=import-outside-toplevel
   built = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert params.count_params(cfg)["total"] == built
