@@ -8,7 +8,7 @@
     # host r of N (run on every host, same coordinator = host 0's address):
     python launch/multi_gpu.py --num_hosts=N --host_rank=r --coordinator=host0:1234 \
         --processes_per_host=8 ... --workdir=/shared/runs/x
-    # under SLURM: srun python launch/train.py ... (openmoe_jax.distributed detects SLURM)
+    # under SLURM, one task per GPU: srun python launch/train.py ... (JAX detects SLURM)
 
 Prints each command with its environment, then starts them (unless --dry_run) and waits. A
 SIGTERM sent to this launcher is passed on to every training process, which checkpoints the step
@@ -42,8 +42,9 @@ def commands(a: argparse.Namespace) -> list[tuple[dict[str, str], list[str]]]:
   for local in range(a.processes_per_host):
     env = {"JAX_COORDINATOR_ADDRESS": a.coordinator or "127.0.0.1:12355",
            "JAX_NUM_PROCESSES": str(n),
-           "JAX_PROCESS_ID": str(a.host_rank * a.processes_per_host + local),
-           "JAX_LOCAL_DEVICE_IDS": str(local)}
+           "JAX_PROCESS_ID": str(a.host_rank * a.processes_per_host + local)}
+    if a.processes_per_host > 1:  # one GPU each; one process per host drives all its GPUs
+      env["JAX_LOCAL_DEVICE_IDS"] = str(local)
     out.append((env, train + ["--no_progress"] * (local > 0)))
   return out
 
